@@ -1,0 +1,71 @@
+"""The networks the server runs, as thin ``nn.Module`` wrappers with tensor-only signatures.
+
+The PyTorch reference pipeline, the ONNX exporter and the parity checks all call these
+same wrappers, so "what the engine computes" is defined exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["UNetNet", "TextEncoderNet", "VaeDecoderNet"]
+
+
+class UNetNet(nn.Module):
+    """eps = UNet(sample, timestep, context[, text_embeds, time_ids]) for SD 1.5 / SDXL."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.is_sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+    def forward(
+        self,
+        sample: torch.Tensor,  # (B, 4, h, w)
+        timestep: torch.Tensor,  # (B,) float32
+        encoder_hidden_states: torch.Tensor,  # (B, 77, D)
+        text_embeds: torch.Tensor | None = None,  # (B, P) SDXL pooled
+        time_ids: torch.Tensor | None = None,  # (B, 6) SDXL micro-conditioning
+    ) -> torch.Tensor:
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added, return_dict=False,
+        )[0]
+
+
+class TextEncoderNet(nn.Module):
+    """Token ids -> context (and pooled embedding for SDXL's second encoder).
+
+    SD 1.5 uses the final layer (after the final layer norm); SDXL's two encoders use the
+    penultimate hidden layer, and the second also returns its projected pooled output.
+    """
+
+    def __init__(self, encoder: nn.Module, *, penultimate: bool, pooled: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.penultimate = penultimate
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, 77) int64
+        out = self.encoder(input_ids, output_hidden_states=self.penultimate, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state  # (B, 77, D)
+        if self.pooled:
+            return hidden, out.text_embeds  # (B, P)
+        return (hidden,)
+
+
+class VaeDecoderNet(nn.Module):
+    """Scaled latents -> image in [0, 1], NCHW float."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, 8h, 8w)
+        image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)

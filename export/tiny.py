@@ -1,0 +1,192 @@
+"""Tiny SD 1.5 / SDXL models built offline from the public architectures at small widths.
+
+The folders are ordinary diffusers pipeline folders (``model_index.json``, ``unet/``,
+``vae/``, ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``), so everything
+downstream loads them with the code that loads a real checkpoint. Weights come from a
+seeded generator: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_CONFIGS", "build_tiny_pipeline", "write_clip_tokenizer"]
+
+_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+# UNet kwargs mirror REFERENCE-ARCHITECTURES.md with widths divided down.
+TINY_CONFIGS: dict[str, dict] = {
+    "sd15": {
+        "pipeline": "StableDiffusionPipeline",
+        "unet": dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        ),
+        "text_encoders": [dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, projection_dim=32, with_projection=False)],
+        "scaling_factor": 0.18215,
+    },
+    "sdxl": {
+        "pipeline": "StableDiffusionXLPipeline",
+        "unet": dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+            cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        ),
+        "text_encoders": [
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 projection_dim=32, with_projection=False),
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 projection_dim=32, with_projection=True, hidden_act="gelu"),
+        ],
+        "scaling_factor": 0.13025,
+    },
+}
+
+_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(8, 16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def write_clip_tokenizer(out: Path, *, pad_token: str = "<|endoftext|>") -> int:
+    """Write a byte-level CLIP BPE tokenizer (vocab.json, merges.txt); returns its vocab size.
+
+    The vocabulary is every byte symbol plus its end-of-word form, with merges for the
+    lowercase letter pairs of a few common words, so prompts tokenize into short words.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_tokens = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in ("the", "in", "style", "dog", "cat", "of", "and", "watercolor", "photo", "painting"):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pieces[0] + pieces[1]
+            if pair not in merges:
+                merges.append(pair)
+                if merged not in vocab_tokens:
+                    vocab_tokens.append(merged)
+            pieces = [merged] + pieces[2:]
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": pad_token, "errors": "replace", "clean_up_tokenization_spaces": True,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2))
+    return len(vocab)
+
+
+def _text_encoder(spec: dict, vocab_size: int, pad_id: int, eos_id: int, bos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = dict(spec)
+    with_projection = spec.pop("with_projection")
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=77, pad_token_id=pad_id,
+        bos_token_id=bos_id, eos_token_id=eos_id, **spec,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config)
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> None:
+    """Seeded weights; zero-initialised layers of diffusers (conv_out etc.) get values too."""
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("weight") and p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) * (1.0 / fan_in) ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + std * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=generator))
+
+
+def build_tiny_pipeline(arch: str, out: Path, *, seed: int = 0) -> Path:
+    """Write a tiny diffusers pipeline folder of architecture ``sd15`` or ``sdxl`` to ``out``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if arch not in TINY_CONFIGS:
+        raise ValueError(f"arch must be one of {sorted(TINY_CONFIGS)}, got {arch!r}")
+    spec = TINY_CONFIGS[arch]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+
+    # 1. UNet and VAE with seeded weights
+    unet = UNet2DConditionModel(**spec["unet"])
+    _randomise(unet, generator)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    vae = AutoencoderKL(**_VAE, scaling_factor=spec["scaling_factor"])
+    _randomise(vae, generator)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+
+    # 2. tokenizer(s) and text encoder(s)
+    index = {"_class_name": spec["pipeline"], "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    for i, te_spec in enumerate(spec["text_encoders"]):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        pad = "<|endoftext|>" if i == 0 else "!"
+        vocab_size = write_clip_tokenizer(out / f"tokenizer{suffix}", pad_token=pad)
+        vocab = json.loads((out / f"tokenizer{suffix}" / "vocab.json").read_text())
+        te = _text_encoder(te_spec, vocab_size, vocab[pad], vocab["<|endoftext|>"], vocab["<|startoftext|>"])
+        _randomise(te, generator, std=0.02)
+        te.save_pretrained(out / f"text_encoder{suffix}", safe_serialization=True)
+        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        index[f"text_encoder{suffix}"] = ["transformers", type(te).__name__]
+    if arch == "sd15":
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index.update(force_zeros_for_empty_prompt=True)
+
+    # 3. scheduler and model_index.json
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
