@@ -1,0 +1,25 @@
+"""CRAFT-LoRA math as pure functions: LoRA deltas, routing, gates, aggregation, ACFG, Rank-FT, sampling.
+
+No file I/O and no ONNX / TensorRT / Triton imports: everything here takes and returns
+tensors, so the same code serves the PyTorch reference, the exporter and the server.
+"""
+
+from .aggregate import BASE, Variant, aggregate, routed_deltas
+from .gates import (
+    DEFAULT_CONTENT_WINDOW,
+    DEFAULT_STYLE_WINDOW,
+    GateError,
+    PromptGates,
+    Window,
+    check_gamma,
+    gate_schedule,
+    parse_prompt,
+    step_gates,
+)
+from .guidance import acfg, cfg, check_omega
+from .lora import LoraAdapter, LoraError, LoraFactors, adapter_deltas, detect_format, lora_delta, parse_lora
+from .rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
+from .routing import PRESETS, Routing, RoutingError, resolve_routing
+from .sampling import MODES, SCHEDULERS, SamplingConfig, UNetCall, initial_latents, make_scheduler, sample, step_variants
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -112,8 +112,6 @@ def _group_factors(
     alphas: dict[str, float] = {}
     kohya = _kohya_lookup(module_names) if fmt == "kohya" else {}
     for raw_key, tensor in state_dict.items():
-        if _TEXT_ENCODER_RE.match(raw_key):
-            raise LoraError(f"LoRA key {raw_key!r} targets a text encoder; only UNet LoRAs are supported")
         key = _strip_prefix(raw_key)
         module, part = _classify_key(key, fmt, kohya, raw_key)
         if part == "alpha":
@@ -160,6 +158,9 @@ def parse_lora(
     """
     if not state_dict:
         raise LoraError(f"LoRA {name!r} is empty")
+    for key in state_dict:
+        if _TEXT_ENCODER_RE.match(key):
+            raise LoraError(f"LoRA {name!r}: key {key!r} targets a text encoder; only UNet LoRAs are supported")
     fmt = detect_format(state_dict.keys())
     groups, key_alphas = _group_factors(state_dict, fmt, set(module_shapes))
     modules: dict[str, LoraFactors] = {}

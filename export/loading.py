@@ -1,0 +1,193 @@
+"""Files on disk -> in-memory models and LoRAs, with every failure naming the file.
+
+Only safetensors LoRAs are read: pickled ``.ckpt`` / ``.pt`` / ``.bin`` files can run code
+when loaded and are refused outright.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from craft_ops.lora import LoraAdapter, LoraError, parse_lora
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoadError",
+    "PipelineParts",
+    "detect_arch",
+    "load_pipeline_parts",
+    "load_unet",
+    "unet_module_shapes",
+    "unet_weights",
+    "read_lora_file",
+    "load_lora",
+    "sha256_file",
+]
+
+_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+
+
+class LoadError(ValueError):
+    """A file or folder that cannot be used, with its path in the message."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise LoadError(f"{what} not found: {path}")
+    return path
+
+
+def detect_arch(path: Path) -> str:
+    """``sd15`` or ``sdxl`` from a diffusers folder's UNet config (or a bare UNet folder)."""
+    path = Path(path)
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    config_file = _require(unet_dir / "config.json", "UNet config")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"{config_file}: not valid JSON ({exc})") from exc
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def load_unet(path: Path, dtype: torch.dtype = torch.float32):
+    """A ``UNet2DConditionModel`` from a pipeline folder (``unet/``) or a bare UNet folder."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    _require(unet_dir / "config.json", "UNet config")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot load UNet from {unet_dir}: {exc}") from exc
+    return unet.eval().requires_grad_(False)
+
+
+@dataclass
+class PipelineParts:
+    """The loaded components of one SD 1.5 / SDXL pipeline folder."""
+
+    arch: str
+    path: Path
+    unet: Any
+    vae: Any
+    tokenizers: list[Any]
+    text_encoders: list[Any]
+    scheduler_config: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_pipeline_parts(path: Path, *, backbone: Path | None = None, dtype: torch.dtype = torch.float32) -> PipelineParts:
+    """Load UNet (or the W_init backbone), VAE, tokenizer(s), text encoder(s) and scheduler config."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    _require(path, "base model folder")
+    arch = detect_arch(path)
+    names = ["", "_2"] if arch == "sdxl" else [""]
+    for sub in ["vae", "scheduler"] + [f"tokenizer{s}" for s in names] + [f"text_encoder{s}" for s in names]:
+        _require(path / sub, f"{sub} folder of {arch} model")
+    unet = load_unet(backbone if backbone is not None else path, dtype)
+    if backbone is not None and detect_arch(backbone) != arch:
+        raise LoadError(f"backbone {backbone} is not a {arch} UNet")
+    try:
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).eval().requires_grad_(False)
+        tokenizers = [CLIPTokenizer.from_pretrained(path / f"tokenizer{s}") for s in names]
+        encoders = []
+        for s in names:
+            cls = CLIPTextModelWithProjection if s == "_2" else CLIPTextModel
+            encoders.append(cls.from_pretrained(path / f"text_encoder{s}", dtype=dtype).eval().requires_grad_(False))
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot load pipeline components from {path}: {exc}") from exc
+    scheduler_file = _require(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    return PipelineParts(arch, path, unet, vae, tokenizers, encoders, json.loads(scheduler_file.read_text()))
+
+
+def unet_module_shapes(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight shape of every Linear / Conv module of the UNet, keyed by module name."""
+    return {
+        name: tuple(m.weight.shape)
+        for name, m in unet.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+
+
+def unet_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module name -> weight tensor for every Linear / Conv module (W_init of Eq. 8)."""
+    return {
+        name: m.weight.detach()
+        for name, m in unet.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors LoRA; pickles and broken files are refused."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise LoadError(f"{path}: pickle checkpoints ({path.suffix}) are refused; convert the LoRA to .safetensors")
+    _require(path, "LoRA file")
+    if not path.is_file():
+        raise LoadError(f"LoRA path is not a file: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise LoadError(f"{path}: only .safetensors LoRA files are accepted")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{path}: not a readable safetensors file ({exc})") from exc
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LoadError(f"{path}: tensor {key!r} holds NaN or Inf values")
+    return tensors, metadata
+
+
+def _metadata_alphas(metadata: Mapping[str, str]) -> float | None:
+    """PEFT ``lora_alpha`` from diffusers' ``lora_adapter_metadata`` or our own ``alpha`` key."""
+    for key in ("lora_adapter_metadata", "unet.lora_adapter_metadata"):
+        if key in metadata:
+            try:
+                return float(json.loads(metadata[key])["lora_alpha"])
+            except (KeyError, ValueError, TypeError):
+                continue
+    if "alpha" in metadata:
+        try:
+            return float(metadata["alpha"])
+        except ValueError as exc:
+            raise LoadError(f"LoRA metadata 'alpha' is not a number: {metadata['alpha']!r}") from exc
+    return None
+
+
+def load_lora(path: Path, module_shapes: Mapping[str, tuple[int, ...]], *, name: str) -> tuple[LoraAdapter, dict[str, str]]:
+    """Read and parse a LoRA file against a UNet's module shapes; errors name the file."""
+    tensors, metadata = read_lora_file(path)
+    try:
+        adapter = parse_lora(tensors, module_shapes, name=name, alphas=_metadata_alphas(metadata))
+    except LoraError as exc:
+        raise LoadError(f"{path}: {exc}") from exc
+    return adapter, metadata
