@@ -1,0 +1,225 @@
+"""``CraftClient``: CRAFT-LoRA generation over Triton gRPC or HTTP, sync and asyncio.
+
+    client = CraftClient("localhost:8001")                 # gRPC
+    result = client.generate("a dog <c> in watercolor style <s>", content="dog", style="watercolor", seed=7)
+    result.images[0]       # (H, W, 3) uint8
+    result.pil()[0]        # PIL.Image
+
+Server-side errors (an unknown LoRA, a size out of range...) raise :class:`CraftServerError`
+with the server's message, which names the field and the value.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .schema import CATALOG_MODEL, NUMPY_DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, STREAM_MODEL
+
+__all__ = ["CraftServerError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient", "build_request"]
+
+PROTOCOLS = ("grpc", "http")
+
+
+class CraftServerError(RuntimeError):
+    """The server refused or failed a request; ``status`` is the protocol's status text."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    notes: tuple[str, ...] = ()
+
+    def pil(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in self.images]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One streamed message: ``step`` of ``total``, an optional preview, or the final result."""
+
+    step: int
+    total: int
+    preview: np.ndarray | None = None
+    result: GenerateResult | None = None
+
+
+def build_request(prompt: str | Sequence[str], **fields: Any) -> dict[str, np.ndarray]:
+    """Named numpy arrays for the pipeline's inputs; ``None`` fields are left out (server default)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    arrays = {"prompt": np.array([p.encode() for p in prompts], dtype=np.object_)}
+    for name, value in fields.items():
+        if name not in REQUEST_INPUTS:
+            raise ValueError(f"unknown request field {name!r}; fields: {sorted(REQUEST_INPUTS)}")
+        if value is None:
+            continue
+        dtype, dims, _ = REQUEST_INPUTS[name]
+        np_dtype = NUMPY_DTYPES[dtype][0]
+        if np_dtype == "object":
+            arrays[name] = np.array([str(value).encode()], dtype=np.object_)
+        else:
+            arr = np.asarray(value, dtype=np_dtype).reshape(-1)
+            if arr.size != dims[0]:
+                raise ValueError(f"{name} needs {dims[0]} value(s), got {value!r}")
+            arrays[name] = arr
+    return arrays
+
+
+def _modules(protocol: str, aio: bool = False):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "grpc":
+        if aio:
+            import tritonclient.grpc.aio as mod
+        else:
+            import tritonclient.grpc as mod
+    elif aio:
+        import tritonclient.http.aio as mod
+    else:
+        import tritonclient.http as mod
+    from tritonclient.utils import InferenceServerException
+
+    return mod, InferenceServerException
+
+
+def _inputs(mod, arrays: Mapping[str, np.ndarray]) -> list:
+    out = []
+    for name, arr in arrays.items():
+        wire = NUMPY_DTYPES[REQUEST_INPUTS[name][0]][1]
+        inp = mod.InferInput(name, list(arr.shape), wire)
+        inp.set_data_from_numpy(arr)
+        out.append(inp)
+    return out
+
+
+def _result(response) -> GenerateResult:
+    images = response.as_numpy("image")
+    notes = response.as_numpy("notes")
+    texts = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in (notes if notes is not None else []))
+    return GenerateResult(images, texts)
+
+
+def _wrap(exc: Exception) -> CraftServerError:
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    return CraftServerError(message or str(exc), status)
+
+
+class CraftClient:
+    """Synchronous client over tritonclient gRPC (default) or HTTP."""
+
+    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
+        self.mod, self._exc = _modules(protocol)
+        self.protocol = protocol
+        self.model = model
+        self.stream_model = stream_model
+        self.timeout = timeout
+        self.url = url
+        self.client = self.mod.InferenceServerClient(url=url, **({"network_timeout": timeout or 600.0}
+                                                                if protocol == "http" else {}))
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
+        except self._exc:
+            return False
+
+    def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
+        """Images for one request (several prompts -> several images)."""
+        arrays = build_request(prompt, **fields)
+        outputs = [self.mod.InferRequestedOutput("image"), self.mod.InferRequestedOutput("notes")]
+        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
+        try:
+            response = self.client.infer(self.model, _inputs(self.mod, arrays), outputs=outputs, **kwargs)
+        except self._exc as exc:
+            raise _wrap(exc) from exc
+        return _result(response)
+
+    def stream(self, prompt: str | Sequence[str], *, cancel: threading.Event | None = None,
+               **fields: Any) -> Iterator[Progress]:
+        """Progress messages from ``craft_pipeline_stream`` (gRPC), the last one carrying the result.
+
+        Setting ``cancel`` stops the stream and cancels the work on the server.
+        """
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs protocol='grpc'")
+        events: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            self.client.async_stream_infer(self.stream_model, _inputs(self.mod, build_request(prompt, **fields)),
+                                           enable_empty_final_response=False)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return
+                try:
+                    result, error = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    raise _wrap(error)
+                image = result.as_numpy("image")
+                if image is not None:
+                    yield Progress(-1, -1, result=_result(result))
+                    return
+                preview = result.as_numpy("preview")
+                yield Progress(int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0]), preview)
+        finally:
+            self.client.stop_stream(cancel_requests=cancel is not None and cancel.is_set())
+
+    def catalog(self) -> dict:
+        """The served LoRAs, pairs, defaults and limits."""
+        import json
+
+        try:
+            response = self.client.infer(CATALOG_MODEL, [], outputs=[self.mod.InferRequestedOutput("catalog")])
+        except self._exc as exc:
+            raise _wrap(exc) from exc
+        return json.loads(response.as_numpy("catalog")[0])
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "CraftClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncCraftClient:
+    """asyncio client over ``tritonclient.grpc.aio`` / ``tritonclient.http.aio``."""
+
+    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL):
+        self.mod, self._exc = _modules(protocol, aio=True)
+        self.model = model
+        self.client = self.mod.InferenceServerClient(url=url)
+
+    async def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
+        arrays = build_request(prompt, **fields)
+        outputs = [self.mod.InferRequestedOutput("image"), self.mod.InferRequestedOutput("notes")]
+        try:
+            response = await self.client.infer(self.model, _inputs(self.mod, arrays), outputs=outputs)
+        except self._exc as exc:
+            raise _wrap(exc) from exc
+        return _result(response)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def __aenter__(self) -> "AsyncCraftClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,293 @@
+"""Triton glue for the Python-backend models; the ``model.py`` files only forward to these classes.
+
+``pb_utils`` (``triton_python_backend_utils``) exists only inside the Python-backend stub,
+so it is handed in rather than imported here.
+
+* :class:`PipelineModel` - ``craft_pipeline`` (one response per request) and
+  ``craft_pipeline_stream`` (decoupled: progress messages, then the image). Each request
+  runs the synchronous pipeline in a worker thread; its network calls go back to the
+  stub's event loop as BLS ``async_exec`` calls, both ACFG branches in flight at once.
+* :class:`EngineModel` - a network (ONNX Runtime session) served as a Python model, with
+  the requests Triton batched together run as one session call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from craft_ops.request import RequestError
+
+from .manifest import MANIFEST, ManifestError, read_manifest
+from .triton_pipeline import Cancelled, NetCall, PipelineRuntime, request_from_arrays
+from .runners import OrtSession, run_batched
+
+__all__ = ["PipelineSettings", "PipelineModel", "EngineModel"]
+
+
+class BlsError(RuntimeError):
+    """A network call made through BLS failed."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What ``initialize`` reads once from Triton's ``args`` and the model config."""
+
+    repo: Path
+    model_name: str
+    streaming: bool
+    workers: int
+
+    @classmethod
+    def from_args(cls, args: dict[str, str]) -> "PipelineSettings":
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        streaming = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        return cls(
+            repo=Path(args["model_repository"]).resolve().parent,
+            model_name=args["model_name"],
+            streaming=streaming,
+            workers=int(params.get("workers", "4") or 4),
+        )
+
+
+def _error(pb_utils, exc: BaseException):
+    if isinstance(exc, RequestError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(exc, Cancelled):
+        return pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNKNOWN))
+    return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+
+class PipelineModel:
+    """The CRAFT-LoRA pipeline as a Triton Python model (plain or decoupled)."""
+
+    def __init__(self, pb_utils, args: dict[str, str]):
+        self.pb = pb_utils
+        self.settings = PipelineSettings.from_args(args)
+        self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
+        self.log = pb_utils.Logger
+        self._runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many)
+        self._manifest_stamp = self._stamp()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- manifest (re)loading: a re-export is picked up on the next request ------------------
+
+    def _stamp(self) -> tuple[int, int]:
+        stat = (self.settings.repo / MANIFEST).stat()
+        return stat.st_mtime_ns, stat.st_ino
+
+    def _refresh(self) -> None:
+        """Re-read the manifest when ``craft export`` replaced it; load models it added."""
+        try:
+            stamp = self._stamp()
+        except OSError as exc:
+            self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
+            return
+        if stamp == self._manifest_stamp:
+            return
+        try:
+            runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many)
+        except (ManifestError, OSError, ValueError) as exc:
+            self.log.log_warn(f"craft: new manifest rejected, keeping the loaded one: {exc}")
+            return
+        self._ensure_loaded(runtime)
+        self._runtime, self._manifest_stamp = runtime, stamp
+        self.log.log_info(f"craft: manifest reloaded: {len(runtime.repo.catalog)} LoRAs, "
+                          f"{len(set(runtime.repo.variants.values()))} UNet models")
+
+    def _ensure_loaded(self, runtime: PipelineRuntime) -> None:
+        """Load the manifest's models that the server has not loaded yet (explicit model control)."""
+        repo = runtime.repo
+        for name in sorted(set(repo.variants.values()) | set(repo.networks.values())):
+            try:
+                if not self.pb.is_model_ready(model_name=name):
+                    self.pb.load_model(model_name=name)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its requests by name
+                self.log.log_warn(f"craft: could not load model {name}: {exc}")
+
+    # -- BLS -----------------------------------------------------------------------------------
+
+    def _infer_many(self, calls):
+        """Runs on a worker thread: hands the calls to the event loop and waits for all of them."""
+        return asyncio.run_coroutine_threadsafe(self._bls(calls), self._loop).result()
+
+    async def _bls(self, calls: list[NetCall]) -> list[dict[str, np.ndarray]]:
+        pb = self.pb
+        requests = [
+            pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs),
+                                inputs=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in c.inputs.items()])
+            for c in calls
+        ]
+        responses = await asyncio.gather(*(r.async_exec() for r in requests))
+        outs = []
+        for call, resp in zip(calls, responses):
+            if resp.has_error():
+                raise BlsError(f"{call.model}: {resp.error().message()}")
+            outs.append({n: pb.get_output_tensor_by_name(resp, n).as_numpy() for n in call.outputs})
+        return outs
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _arrays(self, request) -> dict[str, np.ndarray]:
+        return {t.name(): t.as_numpy() for t in request.inputs()}
+
+    async def execute(self, requests: list[Any]):
+        self._loop = asyncio.get_running_loop()
+        self._refresh()
+        if self.settings.streaming:
+            await asyncio.gather(*(self._stream_one(r) for r in requests))
+            return None
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def _image_response(self, images: np.ndarray, plan):
+        pb = self.pb
+        tensors = [pb.Tensor("image", np.ascontiguousarray(images))]
+        if plan.notes:
+            tensors.append(pb.Tensor("notes", np.array([n.encode() for n in plan.notes], dtype=np.object_)))
+        return pb.InferenceResponse(output_tensors=tensors)
+
+    async def _generate(self, request, progress=None, cancelled=None):
+        """Parse on the loop thread, run the pipeline on a worker thread."""
+        req, preview = request_from_arrays({t.name(): t.as_numpy() for t in request.inputs()})
+        runtime = self._runtime
+        images, plan = await self._loop.run_in_executor(
+            self.pool, lambda: runtime.generate(req, progress=progress and progress(preview), cancelled=cancelled))
+        for note in plan.notes:
+            self.log.log_info(f"craft: {note}")
+        return self._image_response(images, plan)
+
+    async def _one(self, request):
+        try:
+            return await self._generate(request, cancelled=request.is_cancelled)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+            return self.pb.InferenceResponse(error=_error(self.pb, exc))
+
+    async def _stream_one(self, request) -> None:
+        pb = self.pb
+        sender = request.get_response_sender()
+
+        def progress_every(preview: int):
+            def progress(step: int, total: int, latents) -> None:
+                tensors = [pb.Tensor("step", np.array([step], dtype=np.int32)),
+                           pb.Tensor("total_steps", np.array([total], dtype=np.int32))]
+                if preview and step % preview == 0:
+                    tensors.append(pb.Tensor("preview", _preview(latents)))
+                sender.send(pb.InferenceResponse(output_tensors=tensors))
+            return progress
+
+        try:
+            response = await self._generate(request, progress=progress_every, cancelled=sender.is_cancelled)
+        except Exception as exc:  # noqa: BLE001
+            response = pb.InferenceResponse(error=_error(pb, exc))
+        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _preview(latents) -> np.ndarray:
+    """A cheap RGB preview of latents (first 3 channels, min-max scaled), (B, h, w, 3) uint8."""
+    x = latents[:, :3].float()
+    lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - lo) / (hi - lo).clamp_min(1e-6)
+    return (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_dir: Path
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    max_batch: int
+    threads: int
+
+    @classmethod
+    def from_args(cls, args: dict[str, str]) -> "EngineSettings":
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        return cls(
+            model_dir=Path(args["model_repository"]) / args["model_version"],
+            inputs=tuple(i["name"] for i in config["input"]),
+            outputs=tuple(o["name"] for o in config["output"]),
+            max_batch=max(1, int(config.get("max_batch_size", 1))),
+            threads=int(params.get("threads", "0") or 0),
+        )
+
+
+class EngineModel:
+    """An exported network behind ONNX Runtime, as a Python-backend model with batching."""
+
+    def __init__(self, pb_utils, args: dict[str, str]):
+        self.pb = pb_utils
+        self.settings = EngineSettings.from_args(args)
+        self.session = OrtSession(self.settings.model_dir / "model.onnx", threads=self.settings.threads)
+
+    def execute(self, requests: list[Any]):
+        pb = self.pb
+        batches, errors = [], {}
+        for i, request in enumerate(requests):
+            arrays = {}
+            for name in self.settings.inputs:
+                tensor = pb.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    arrays[name] = tensor.as_numpy()
+            missing = [n for n in self.session.input_names if n not in arrays]
+            if missing:
+                errors[i] = pb.TritonError(f"missing input {missing[0]!r}", pb.TritonError.INVALID_ARG)
+            batches.append(arrays)
+        ok = [i for i in range(len(requests)) if i not in errors]
+        try:
+            results = run_batched(self.session, [batches[i] for i in ok], self.settings.max_batch)
+        except Exception as exc:  # noqa: BLE001 - report to every request of the batch
+            return [pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")) for _ in requests]
+        by_index = dict(zip(ok, results))
+        responses = []
+        for i in range(len(requests)):
+            if i in errors:
+                responses.append(pb.InferenceResponse(error=errors[i]))
+                continue
+            out = by_index[i]
+            responses.append(pb.InferenceResponse(
+                output_tensors=[pb.Tensor(n, np.ascontiguousarray(out[n])) for n in self.settings.outputs]))
+        return responses
+
+
+def catalog(repo: Path) -> dict:
+    """The client-facing part of a manifest: LoRAs, pairs, defaults, limits."""
+    view = read_manifest(repo)
+    raw = view.raw
+    return {
+        "arch": view.arch,
+        "loras": [{k: e[k] for k in ("name", "kind", "gammas", "rank", "format", "sha256", "coverage") if k in e}
+                  for e in raw["loras"]],
+        "pairs": [list(p) for p in view.pairs],
+        "defaults": raw["defaults"],
+        "engine": raw["engine"],
+        "runtime": raw.get("runtime"),
+        "precision": raw.get("precision"),
+    }
+
+
+class CatalogModel:
+    """``craft_catalog``: answers every request with the current manifest's catalogue as JSON."""
+
+    def __init__(self, pb_utils, args: dict[str, str]):
+        self.pb = pb_utils
+        self.repo = Path(args["model_repository"]).resolve().parent
+
+    def execute(self, requests: list[Any]):
+        pb = self.pb
+        try:
+            text = json.dumps(catalog(self.repo)).encode()
+        except (ManifestError, OSError) as exc:
+            error = pb.TritonError(f"manifest unreadable: {exc}", pb.TritonError.UNAVAILABLE)
+            return [pb.InferenceResponse(error=error) for _ in requests]
+        out = np.array([text], dtype=np.object_)
+        return [pb.InferenceResponse(output_tensors=[pb.Tensor("catalog", out)]) for _ in requests]

@@ -1,0 +1,238 @@
+"""The serving pipeline behind ``craft_pipeline``: request tensors -> images, networks via BLS.
+
+Nothing here imports Triton: the model file hands in ``infer_many``, a callable that runs
+several network calls (concurrently where it can) and returns their outputs, so the same
+code runs inside Triton (BLS) or against any other runner. The loop itself is
+``craft_ops.sampling.sample`` - the exact loop the PyTorch reference runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from craft_client.schema import REQUEST_INPUTS
+from craft_ops.aggregate import BASE, Variant
+from craft_ops.request import GenerateRequest, Plan, RequestError, group_noise, plan_request
+from craft_ops.sampling import UNetCall, make_scheduler, sample, step_variants
+
+from .conditioning import build_conditioning, tokenize, to_uint8, unet_inputs
+from .manifest import RepoView, read_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NetCall",
+    "InferMany",
+    "Cancelled",
+    "REQUEST_INPUTS",
+    "request_from_arrays",
+    "PipelineRuntime",
+]
+
+
+@dataclass(frozen=True)
+class NetCall:
+    """One network evaluation: Triton model name, named inputs, wanted outputs."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+
+
+InferMany = Callable[[Sequence[NetCall]], list[dict[str, np.ndarray]]]
+
+
+class Cancelled(RuntimeError):
+    """The client cancelled the request; the loop stops at the next step."""
+
+
+_KINDS = {"TYPE_STRING": "O", "TYPE_INT64": "i", "TYPE_INT32": "i", "TYPE_FP32": "f"}
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError("prompt", value[:40], "is not valid UTF-8") from exc
+    return str(value)
+
+
+def _scalar(arrays: Mapping[str, np.ndarray], name: str):
+    arr = arrays.get(name)
+    if arr is None:
+        return None
+    dtype, dims, _ = REQUEST_INPUTS[name]
+    flat = np.asarray(arr).reshape(-1)
+    if flat.size != dims[0]:
+        raise RequestError(name, np.asarray(arr).tolist(), f"must hold {dims[0]} value(s), got shape {list(np.shape(arr))}")
+    kind = flat.dtype.kind
+    if dtype == "TYPE_STRING":
+        if kind not in "OSU":
+            raise RequestError(name, flat.tolist(), "must be BYTES")
+        values = [_text(v) for v in flat]
+        return values[0] if dims[0] == 1 else values
+    if _KINDS[dtype] == "i" and kind not in "iu":
+        raise RequestError(name, flat.tolist(), f"must be {dtype[5:]}")
+    if _KINDS[dtype] == "f" and kind not in "f":
+        raise RequestError(name, flat.tolist(), "must be FP32")
+    values = [v.item() for v in flat]
+    return values[0] if dims[0] == 1 else tuple(values)
+
+
+def request_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[GenerateRequest, int]:
+    """Request tensors (numpy, as Triton delivers them) -> ``GenerateRequest`` and preview interval."""
+    unknown = set(arrays) - set(REQUEST_INPUTS)
+    if unknown:
+        raise RequestError(sorted(unknown)[0], None, f"unknown input; inputs are {sorted(REQUEST_INPUTS)}")
+    prompt = arrays.get("prompt")
+    if prompt is None:
+        raise RequestError("prompt", None, "is required")
+    prompt = np.asarray(prompt).reshape(-1)
+    if prompt.dtype.kind not in "OSU":
+        raise RequestError("prompt", prompt.tolist(), "must be BYTES")
+    v = {name: _scalar(arrays, name) for name in REQUEST_INPUTS if name != "prompt"}
+    for name in ("guidance", "gamma_c", "gamma_s"):
+        if v[name] is not None and not math.isfinite(v[name]):
+            raise RequestError(name, v[name], "must be finite")
+    req = GenerateRequest(
+        prompts=tuple(_text(p) for p in prompt), negative_prompt=v["negative_prompt"] or "",
+        content=v["content"] or None, style=v["style"] or None,
+        seed=0 if v["seed"] is None else v["seed"], steps=v["steps"], guidance=v["guidance"],
+        height=v["height"], width=v["width"], gamma_c=v["gamma_c"], gamma_s=v["gamma_s"],
+        mode=v["mode"] or None, scheduler=v["scheduler"] or None,
+        content_window=v["content_window"], style_window=v["style_window"],
+    )
+    preview = v["preview_every"] or 0
+    if preview < 0:
+        raise RequestError("preview_every", preview, "must be >= 0")
+    return req, preview
+
+
+class _BlsDenoiser:
+    """``denoise(calls)`` for the sampling loop, running UNet variant models via ``infer_many``."""
+
+    def __init__(self, runtime: "PipelineRuntime"):
+        self.runtime = runtime
+
+    def __call__(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
+        net_calls = []
+        for c in calls:
+            inputs = {k: v.detach().cpu().numpy() for k, v in unet_inputs(c.x, c.t, c.cond).items()}
+            inputs["timestep"] = inputs["timestep"].reshape(-1, 1)  # per-item scalar: dims [1] in config.pbtxt
+            net_calls.append(NetCall(self.runtime.model_for(c.variant), inputs, ("noise_pred",)))
+        outs = self.runtime.infer_many(net_calls)
+        return [torch.from_numpy(np.ascontiguousarray(o["noise_pred"])) for o in outs]
+
+
+class PipelineRuntime:
+    """The CRAFT-LoRA pipeline over a model repository's networks."""
+
+    def __init__(self, repo: RepoView, infer_many: InferMany):
+        from transformers import CLIPTokenizer
+
+        self.repo = repo
+        self.infer_many = infer_many
+        names = ["tokenizer", "tokenizer_2"] if repo.arch == "sdxl" else ["tokenizer"]
+        self.tokenizers = [CLIPTokenizer.from_pretrained(repo.assets[n]) for n in names]
+        self.scheduler_config = json.loads(Path(repo.assets["scheduler_config"]).read_text())
+        self.latent_scale = int(repo.raw.get("latent_scale", 8))
+        self.latent_channels = int(repo.raw.get("latent_channels", 4))
+
+    @classmethod
+    def from_repository(cls, root: Path, infer_many: InferMany) -> "PipelineRuntime":
+        return cls(read_manifest(root), infer_many)
+
+    def model_for(self, variant: Variant) -> str:
+        model = self.repo.model_for(variant)
+        if model is None:
+            raise RequestError("style" if variant.style else "content", str(variant), "this combination was not exported")
+        return model
+
+    def plan(self, request: GenerateRequest) -> Plan:
+        plan = plan_request(request, self.repo.catalog, self.repo.defaults, self.repo.limits)
+        for group in plan.groups:
+            needed = set(step_variants(group.config)) | {BASE}
+            missing = sorted(str(v) for v in needed if self.repo.model_for(v) is None)
+            if missing:
+                c, s = group.config.content, group.config.style
+                raise RequestError("style" if s else "content", f"{c}+{s}" if c and s else c or s,
+                                   f"pair not exported (missing {missing}); exported pairs: "
+                                   f"{['+'.join(p) for p in self.repo.pairs]}")
+        return plan
+
+    def encode(self, texts: Sequence[str], height: int, width: int) -> dict[str, torch.Tensor]:
+        """Text encoder(s) via BLS, then SDXL micro-conditioning."""
+        ids = tokenize(self.tokenizers, texts)
+        names = ["text_encoder", "text_encoder_2"][: len(ids)]
+        calls = [NetCall(self.repo.networks[n], {"input_ids": i}, ("hidden_states", "text_embeds") if n == "text_encoder_2"
+                         else ("hidden_states",)) for n, i in zip(names, ids)]
+        outs = self.infer_many(calls)
+        hiddens = [torch.from_numpy(np.ascontiguousarray(o["hidden_states"])) for o in outs]
+        pooled = torch.from_numpy(np.ascontiguousarray(outs[-1]["text_embeds"])) if self.repo.arch == "sdxl" else None
+        return build_conditioning(self.repo.arch, hiddens, pooled, height, width)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        out = self.infer_many([NetCall(self.repo.networks["vae_decoder"], {"latent": latents.numpy()}, ("image",))])[0]
+        return to_uint8(torch.from_numpy(np.ascontiguousarray(out["image"])))
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        progress: Callable[[int, int, torch.Tensor], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> tuple[np.ndarray, Plan]:
+        """(N, H, W, 3) uint8 images in prompt order, and the plan (notes included)."""
+        plan = self.plan(request)
+        latent_shape = (self.latent_channels, plan.height // self.latent_scale, plan.width // self.latent_scale)
+        uncond = self.encode([plan.negative_prompt], plan.height, plan.width)
+        total = sum(g.config.steps for g in plan.groups)
+        done = 0
+
+        def callback(step: int, steps: int, latents: torch.Tensor) -> None:
+            if cancelled is not None and cancelled():
+                raise Cancelled("request cancelled by the client")
+            if progress is not None:
+                progress(done + step, total, latents)
+
+        images: list[np.ndarray | None] = [None] * plan.num_prompts
+        for group in plan.groups:
+            cond = self.encode(group.texts, plan.height, plan.width)
+            noise, generator = group_noise(group, latent_shape)
+            scheduler = make_scheduler(plan.scheduler, self.scheduler_config)
+            latents = sample(_BlsDenoiser(self), scheduler, noise, cond, uncond, group.config,
+                             generator=generator, callback=callback)
+            done += group.config.steps
+            for idx, image in zip(group.indices, self.decode(latents)):
+                images[idx] = image
+        return np.stack(images), plan
+
+
+_STREAM_OUTPUTS = (("step", "TYPE_INT32", [1]), ("total_steps", "TYPE_INT32", [1]), ("preview", "TYPE_UINT8", [-1, -1, -1, 3]))
+
+
+def pipeline_config(name: str, *, streaming: bool, instances: int = 2, workers: int = 4) -> str:
+    """``config.pbtxt`` of the pipeline models, generated from :data:`REQUEST_INPUTS`."""
+    lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0", ""]
+    for inp, (dtype, dims, required) in REQUEST_INPUTS.items():
+        optional = "" if required else "\n  optional: true"
+        lines.append(f'input {{\n  name: "{inp}"\n  data_type: {dtype}\n  dims: {dims}{optional}\n}}')
+    outputs = [("image", "TYPE_UINT8", [-1, -1, -1, 3]), ("notes", "TYPE_STRING", [-1])]
+    if streaming:
+        outputs += list(_STREAM_OUTPUTS)
+    for out, dtype, dims in outputs:
+        lines.append(f'output {{\n  name: "{out}"\n  data_type: {dtype}\n  dims: {dims}\n}}')
+    if streaming:
+        lines.append("model_transaction_policy {\n  decoupled: true\n}")
+    lines.append(f"instance_group [\n  {{\n    count: {1 if streaming else instances}\n    kind: KIND_CPU\n  }}\n]")
+    lines.append(f'parameters {{\n  key: "workers"\n  value: {{ string_value: "{workers}" }}\n}}')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,16 @@
+"""craft_pipeline: CRAFT-LoRA generation (time-gated ACFG over BLS), one response per request."""
+
+import triton_python_backend_utils as pb_utils
+
+from craft_export.triton_model import PipelineModel
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model = PipelineModel(pb_utils, args)
+
+    async def execute(self, requests):
+        return await self.model.execute(requests)
+
+    def finalize(self):
+        self.model.close()
