@@ -258,7 +258,11 @@ def build_model(job: ModelJob, pipe: ReferencePipeline, loaded: Loaded, options:
     if options.runtime == "tensorrt":
         from .tensorrt_build import build_engine
 
-        record.update(build_engine(job, onnx_path, spec, options, target / "1"))
+        from .specs import ImageRange
+
+        e = loaded.engine
+        image_range = ImageRange((e.min_size,) * 2, (e.opt_size,) * 2, (e.max_size,) * 2)
+        record.update(build_engine(job, onnx_path, spec, options, target / "1", image_range=image_range))
     _write_model_config(job, spec, target, runner, options, loaded)
     return record
 

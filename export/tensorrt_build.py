@@ -1,0 +1,178 @@
+"""TensorRT engines from the exported ONNX files: build the W_init UNet refittable, refit variants.
+
+A UNet variant differs from W_init only in routed weights (Eq. 8), so its engine is the
+W_init engine with those weights refitted - seconds instead of a full build. Text
+encoders and the VAE decoder are plain builds. Every engine is checked against ONNX
+Runtime on the spec's seeded inputs and the error is recorded in the manifest.
+
+Needs the ``gpu`` extra (``tensorrt``) and an NVIDIA GPU; :func:`check_tensorrt_available`
+fails before anything is written otherwise. Written against the TensorRT 10 Python API.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TensorRTError", "check_tensorrt_available", "build_engine", "EngineBuild"]
+
+ENGINE_FILE = "model.plan"
+
+
+class TensorRTError(ValueError):
+    """TensorRT is unavailable or failed to build / refit an engine."""
+
+
+def check_tensorrt_available() -> None:
+    """Raise (before any file is written) unless tensorrt imports and a CUDA GPU is visible."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        raise TensorRTError("--runtime tensorrt needs the tensorrt package: pip install 'craft-lora-serve[gpu]'") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TensorRTError("--runtime tensorrt needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("CRAFT_CACHE_DIR", Path.home() / ".cache" / "craft"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+class EngineBuild:
+    """Build and refit helpers around one TensorRT logger and timing cache."""
+
+    def __init__(self, precision: str):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.precision = precision
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.cache_path = _cache_dir() / f"trt-timing-{trt.__version__}.cache"
+
+    def _config(self, builder, refittable: bool):
+        trt = self.trt
+        config = builder.create_builder_config()
+        if self.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif self.precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+        if refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        blob = self.cache_path.read_bytes() if self.cache_path.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=True)
+        return config, cache
+
+    def build(self, onnx_path: Path, profile: Mapping[str, Any], *, refittable: bool) -> bytes:
+        """Serialized engine for an ONNX file with one optimisation profile (min/opt/max per input)."""
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):  # reads external data beside the file
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TensorRTError(f"{onnx_path}: ONNX parse failed: {errors}")
+        config, cache = self._config(builder, refittable)
+        opt = builder.create_optimization_profile()
+        for name, p in profile.items():
+            opt.set_shape(name, p.min, p.opt, p.max)
+        config.add_optimization_profile(opt)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise TensorRTError(f"{onnx_path}: TensorRT build failed (see the TensorRT log above)")
+        self.cache_path.write_bytes(memoryview(cache.serialize()))
+        return bytes(engine)
+
+    def refit(self, base_engine: bytes, onnx_path: Path) -> bytes:
+        """The base engine with every refittable weight taken from ``onnx_path`` (same graph)."""
+        import onnx
+        from onnx import numpy_helper
+
+        trt = self.trt
+        runtime = trt.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(base_engine)
+        refitter = trt.Refitter(engine, self.logger)
+        model = onnx.load(str(onnx_path), load_external_data=True)
+        arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        refittable = set(refitter.get_all_weights())
+        keep = []  # the arrays must outlive refit_cuda_engine
+        for name in refittable:
+            if name not in arrays:
+                continue
+            array = np.ascontiguousarray(arrays[name])
+            keep.append(array)
+            refitter.set_named_weights(name, trt.Weights(array))
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise TensorRTError(f"{onnx_path}: refit is missing weights {list(missing)[:3]}")
+        if not refitter.refit_cuda_engine():
+            raise TensorRTError(f"{onnx_path}: refit failed")
+        return bytes(engine.serialize())
+
+
+def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int, int]) -> float:
+    """Max |TensorRT - ONNX Runtime| over the spec's outputs on seeded inputs (torch CUDA buffers)."""
+    import onnxruntime as ort
+    import tensorrt as trt
+    import torch
+
+    from .onnx_export import example_inputs
+
+    inputs = example_inputs(spec, hw=hw, batch=2, seed=5)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    device_inputs = {k: v.cuda().contiguous() for k, v in inputs.items()}
+    for name, tensor in device_inputs.items():
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    outputs = {}
+    for t in spec.outputs:
+        shape = tuple(context.get_tensor_shape(t.name))
+        outputs[t.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+        context.set_tensor_address(t.name, outputs[t.name].data_ptr())
+    context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    return max(float(np.abs(outputs[t.name].float().cpu().numpy() - r).max()) for t, r in zip(spec.outputs, ref))
+
+
+_BASE_ENGINES: dict[str, bytes] = {}
+
+
+def build_engine(job, onnx_path: Path, spec, options, out_dir: Path, *, image_range=None,
+                 base_engine: bytes | None = None) -> dict:
+    """Write ``out_dir/model.plan`` for a job; returns the manifest fields (build/refit seconds, error)."""
+    from .specs import ImageRange
+
+    builder = EngineBuild(options.precision)
+    image_range = image_range or ImageRange.default(spec.arch)
+    t0 = time.perf_counter()
+    is_variant = job.network == "unet" and not job.variants[0].is_base
+    base = base_engine if base_engine is not None else _BASE_ENGINES.get(options.out.as_posix())
+    if is_variant and base is not None:
+        engine, how = builder.refit(base, onnx_path), "refit"
+    else:
+        engine = builder.build(onnx_path, spec.profile(image_range), refittable=job.network == "unet")
+        how = "build"
+        if job.network == "unet":
+            _BASE_ENGINES[options.out.as_posix()] = engine
+    seconds = time.perf_counter() - t0
+    (out_dir / ENGINE_FILE).write_bytes(engine)
+    err = _compare_with_onnx(engine, onnx_path, spec, image_range.min_hw)
+    log.info("%s: TensorRT %s in %.1f s, max |trt - ort| = %.3g", job.name, how, seconds, err)
+    return {"trt_build": how, "trt_seconds": round(seconds, 3), "trt_max_abs_err_vs_onnx": err,
+            "trt_precision": options.precision, "trt_engine_bytes": len(engine)}

@@ -1,0 +1,222 @@
+"""craft export: repository contents, config/ONNX consistency, variant weights, incremental re-export, bad recipes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from craft_export.exporter import ExportError, ExportOptions, export_repository
+from craft_export.manifest import read_manifest
+from craft_export.onnx_export import onnx_initializer_hashes, onnx_io
+from craft_export.specs import config_io, parse_config_pbtxt
+from craft_ops.aggregate import BASE, Variant
+
+CRAFT = str(Path(sys.executable).with_name("craft"))
+
+
+def write_recipe(demo_dir: Path, arch: str, loras: list[str], path: Path, extra: str = "") -> Path:
+    from craft_export.demo import DEMO_LORAS
+
+    lines = ["[base]", f'path = "{demo_dir}/{arch}-tiny"', f'routing = "{arch}"', ""]
+    for name in loras:
+        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{DEMO_LORAS[name][0]}"',
+                  f'path = "{demo_dir}/loras/{arch}-{name}.safetensors"', ""]
+    lines += ["[defaults]", "steps = 8", "height = 64", "width = 64", "", "[engine]", "min_size = 64",
+              "opt_size = 64", "max_size = 128", "max_batch = 8", "", extra]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repos(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for arch in ("sd15", "sdxl"):
+        recipe = write_recipe(demo_dir, arch, ["dog", "watercolor"], root / f"{arch}.toml")
+        report = export_repository(ExportOptions(recipe=recipe, out=root / arch, runner="python"))
+        out[arch] = (root / arch, recipe, report)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_repository_layout_and_manifest(repos, arch):
+    repo, _, report = repos[arch]
+    view = read_manifest(repo)
+    unets = {"unet_base", "unet_c-dog", "unet_s-watercolor", "unet_c-dog_s-watercolor"}
+    nets = {"text_encoder", "vae_decoder"} | ({"text_encoder_2"} if arch == "sdxl" else set())
+    assert set(report.built) == unets | nets and not report.reused and not report.removed
+    assert set(view.variants.values()) == unets
+    assert view.variants[BASE] == "unet_base"
+    assert view.variants[Variant("dog", 1.0, "watercolor", 1.0)] == "unet_c-dog_s-watercolor"
+    assert {l.name: l.kind for l in view.catalog.values()} == {"dog": "content", "watercolor": "style"}
+    raw = view.raw
+    dog = next(l for l in raw["loras"] if l["name"] == "dog")
+    assert dog["format"] == "peft" and dog["rank"] == 4 and len(dog["sha256"]) == 64
+    assert 0 < dog["coverage"]["routed"] == dog["coverage"]["content"] < dog["coverage"]["modules"]
+    for name, record in raw["models"].items():
+        assert max(record["parity_max_abs_err"].values()) <= record["parity_tolerance"], name
+    for folder in ("craft_pipeline", "craft_pipeline_stream", "craft_catalog"):
+        assert (repo / folder / "config.pbtxt").is_file() and (repo / folder / "1" / "model.py").is_file()
+    assert not list(repo.parent.glob(".*staging*"))
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_config_pbtxt_matches_onnx(repos, arch):
+    repo, _, _ = repos[arch]
+    for model in read_manifest(repo).raw["models"]:
+        io = config_io(parse_config_pbtxt(repo / model / "config.pbtxt"))
+        inputs, outputs = onnx_io(repo / model / "1" / "model.onnx")
+        for side, onnx_side in ((io.inputs, inputs), (io.outputs, outputs)):
+            assert [t.name for t in side] == [t.name for t in onnx_side], model
+            for cfg_t, onnx_t in zip(side, onnx_side):
+                assert cfg_t.dtype == onnx_t.dtype, (model, cfg_t.name)
+                # the shape the model sees (batch and reshape applied): -1 wherever ONNX is symbolic
+                assert list(cfg_t.model_shape) == [d if isinstance(d, int) else -1 for d in onnx_t.dims], (model, cfg_t)
+
+
+def test_variant_weights_differ_only_in_their_layer_set(repos, ref_pipes):
+    repo, _, _ = repos["sdxl"]
+    routing = ref_pipes["sdxl"].routing
+    base = onnx_initializer_hashes(repo / "unet_base" / "1" / "model.onnx")
+    for model, kind in (("unet_c-dog", "content"), ("unet_s-watercolor", "style")):
+        variant = onnx_initializer_hashes(repo / model / "1" / "model.onnx")
+        assert variant.keys() == base.keys()
+        changed = [n for n in base if base[n] != variant[n]]
+        assert changed
+        modules = [n.removeprefix("inner.unet.").removesuffix(".weight") for n in changed]
+        assert all(routing.layer_set(m) == kind for m in modules), (model, modules[:3])
+    both = onnx_initializer_hashes(repo / "unet_c-dog_s-watercolor" / "1" / "model.onnx")
+    c = onnx_initializer_hashes(repo / "unet_c-dog" / "1" / "model.onnx")
+    s = onnx_initializer_hashes(repo / "unet_s-watercolor" / "1" / "model.onnx")
+    assert {n for n in base if both[n] != base[n]} == {n for n in base if c[n] != base[n]} | {n for n in base if s[n] != base[n]}
+
+
+def test_onnx_variant_equals_baked_pytorch(repos, ref_pipes):
+    import onnxruntime as ort
+
+    from craft_export.conditioning import unet_inputs
+    from craft_ops.sampling import UNetCall
+
+    repo, _, _ = repos["sd15"]
+    pipe = ref_pipes["sd15"]
+    g = torch.Generator().manual_seed(11)
+    x, t = torch.randn(2, 4, 8, 12, generator=g), torch.tensor(321.0)
+    cond = pipe.encode(["a dog", "a cat"], 64, 96)
+    for model, variant in (("unet_c-dog_s-watercolor", Variant("dog", 1.0, "watercolor", 1.0)), ("unet_base", BASE)):
+        sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {k: v.numpy() for k, v in unet_inputs(x, t, cond).items()}
+        got = sess.run(None, feeds)[0]
+        ref = pipe.denoise([UNetCall(x, t, cond, variant)])[0].numpy()
+        assert np.abs(got - ref).max() < 1e-4, model
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _export_json(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CRAFT, "export", "--recipe", str(recipe), "--out", str(out), "--runner", "python", "--json",
+                           *extra], capture_output=True, text=True, timeout=900)
+
+
+def test_incremental_reexport(demo_dir, tmp_path):
+    recipe = write_recipe(demo_dir, "sd15", ["dog", "watercolor"], tmp_path / "r.toml")
+    repo = tmp_path / "repo"
+    first = _export_json(recipe, repo)
+    assert first.returncode == 0, first.stderr
+    # add a style LoRA: only its variants are built
+    write_recipe(demo_dir, "sd15", ["dog", "watercolor", "fire"], recipe)
+    second = _export_json(recipe, repo)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert sorted(summary["built"]) == ["unet_c-dog_s-fire", "unet_s-fire"]
+    assert "unet_base" in summary["reused"] and "unet_c-dog_s-watercolor" in summary["reused"]
+    assert summary["removed"] == [] and summary["seconds"] > 0
+    # nothing changed: everything reused
+    third = json.loads(_export_json(recipe, repo).stdout.strip().splitlines()[-1])
+    assert third["built"] == [] and third["removed"] == []
+    # remove a LoRA: its models go away
+    write_recipe(demo_dir, "sd15", ["dog", "fire"], recipe)
+    fourth = json.loads(_export_json(recipe, repo).stdout.strip().splitlines()[-1])
+    assert fourth["built"] == [] and sorted(fourth["removed"]) == ["unet_c-dog_s-watercolor", "unet_s-watercolor"]
+    assert not (repo / "unet_s-watercolor").exists()
+    assert "watercolor" not in read_manifest(repo).catalog
+    # --pairs restricts the pair variants
+    fifth = json.loads(_export_json(recipe, repo, "--pairs", "none").stdout.strip().splitlines()[-1])
+    assert fifth["removed"] == ["unet_c-dog_s-fire"]
+
+
+BAD_RECIPES = {
+    "missing lora file": ("[[lora]]\nname = \"ghost\"\nkind = \"style\"\npath = \"{d}/loras/none.safetensors\"\n", "not found"),
+    "pickle lora": ("[[lora]]\nname = \"pick\"\nkind = \"style\"\npath = \"{d}/x.ckpt\"\n", "pickle"),
+    "bad name": ("[[lora]]\nname = \"a b\"\nkind = \"style\"\npath = \"{d}/loras/sd15-fire.safetensors\"\n", r"lora\[2\]\.name"),
+    "duplicate name": ("[[lora]]\nname = \"dog\"\nkind = \"style\"\npath = \"{d}/loras/sd15-fire.safetensors\"\n", "duplicate"),
+    "wrong arch lora": ("[[lora]]\nname = \"xl\"\nkind = \"style\"\npath = \"{d}/loras/sdxl-fire.safetensors\"\n", "does not fit"),
+    "nan lora": ("[[lora]]\nname = \"nan\"\nkind = \"style\"\npath = \"{d}/nan.safetensors\"\n", "NaN"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(demo_dir):
+    from safetensors.torch import load_file, save_file
+
+    torch.save({"x": torch.zeros(1)}, demo_dir / "x.ckpt")
+    sd = load_file(str(demo_dir / "loras" / "sd15-fire.safetensors"))
+    key = sorted(sd)[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, str(demo_dir / "nan.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_bad_recipes_leave_repo_untouched(repos, demo_dir, tmp_path, bad_files, case):
+    repo, recipe, _ = repos["sd15"]
+    before = _tree_digest(repo)
+    lines = recipe.read_text()
+    snippet, needle = BAD_RECIPES[case]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(lines.replace("[defaults]", snippet.format(d=demo_dir) + "\n[defaults]"))
+    with pytest.raises((ExportError, ValueError), match=needle):
+        export_repository(ExportOptions(recipe=bad, out=repo, runner="python"))
+    assert _tree_digest(repo) == before
+
+
+def test_bad_export_cli_cases(repos, demo_dir, tmp_path):
+    repo, recipe, _ = repos["sd15"]
+    before = _tree_digest(repo)
+    for args, needle in (
+        (["--pairs", "dog+nobody"], "--pairs"),
+        (["--runtime", "tensorrt"], "tensorrt"),
+    ):
+        r = _export_json(recipe, repo, *args)
+        assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    r = _export_json(recipe, foreign)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert _tree_digest(repo) == before and (foreign / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.gpu
+def test_tensorrt_export_builds_and_refits(demo_dir, tmp_path):
+    recipe = write_recipe(demo_dir, "sd15", ["dog", "watercolor"], tmp_path / "r.toml")
+    report = export_repository(ExportOptions(recipe=recipe, out=tmp_path / "trt", runtime="tensorrt",
+                                             precision="fp16", runner="native"))
+    raw = read_manifest(tmp_path / "trt").raw
+    assert (tmp_path / "trt" / "unet_base" / "1" / "model.plan").is_file()
+    refits = [r for r in raw["models"].values() if r.get("trt_build") == "refit"]
+    assert refits and all(r["trt_max_abs_err_vs_onnx"] < 5e-2 for r in raw["models"].values() if "trt_max_abs_err_vs_onnx" in r)
+    assert report.built
