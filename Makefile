@@ -28,7 +28,9 @@ demo-local: $(STAMP) $(DEMO)/recipe-sd15.toml
 	    --prompt "a dog <c> in watercolor style <s>" --content dog --style watercolor \
 	    --seed 7 --out out/demo.png
 
-demo: demo-local
+# Served path: export the tiny SD 1.5 repository, serve it with Triton, generate over gRPC.
+demo: $(STAMP)
+	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -133,7 +133,7 @@ class CraftClient:
     def ready(self) -> bool:
         try:
             return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
-        except self._exc:
+        except (self._exc, OSError):  # refused connections surface as OSError over HTTP
             return False
 
     def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
