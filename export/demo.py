@@ -26,7 +26,7 @@ from .tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_LORAS", "write_demo_assets", "make_lora_state_dict", "lora_target_modules"]
+__all__ = ["DEMO_LORAS", "write_demo_assets", "recipe_text", "make_lora_state_dict", "lora_target_modules"]
 
 # name -> (kind, on-disk format, seed offset)
 DEMO_LORAS = {
@@ -77,16 +77,23 @@ def make_lora_state_dict(
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _recipe_text(arch: str) -> str:
+def recipe_text(arch: str, loras: list[str] | None = None, root: Path | None = None) -> str:
+    """A recipe for the tiny model of ``arch`` with the named demo LoRAs (default: all).
+
+    Paths are relative to the recipe (as written by ``demo-assets``) unless ``root`` names
+    the demo-assets folder, which makes them absolute.
+    """
+    prefix = f"{root}/" if root is not None else ""
     lines = [
         f"# Demo recipe: tiny {arch} model and generated LoRAs (craft demo-assets).",
         "[base]",
-        f'path = "{arch}-tiny"',
+        f'path = "{prefix}{arch}-tiny"',
         f'routing = "{arch}"',
         "",
     ]
-    for name, (kind, _fmt, _seed) in DEMO_LORAS.items():
-        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{kind}"', f'path = "loras/{arch}-{name}.safetensors"', ""]
+    for name in DEMO_LORAS if loras is None else loras:
+        kind = DEMO_LORAS[name][0]
+        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{kind}"', f'path = "{prefix}loras/{arch}-{name}.safetensors"', ""]
     lines += [
         "[defaults]", "steps = 8", "height = 64", "width = 64", 'scheduler = "euler"', "",
         "[engine]", "min_size = 64", "opt_size = 64", "max_size = 128", "max_batch = 8", "",
@@ -109,6 +116,6 @@ def write_demo_assets(out: Path, *, seed: int = 0) -> Path:
             if fmt == "peft":
                 metadata["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha})
             save_file(sd, str(out / "loras" / f"{arch}-{name}.safetensors"), metadata=metadata)
-        (out / f"recipe-{arch}.toml").write_text(_recipe_text(arch))
+        (out / f"recipe-{arch}.toml").write_text(recipe_text(arch))
         log.info("wrote %s demo assets", arch)
     return out

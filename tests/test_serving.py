@@ -41,15 +41,9 @@ class Served:
 
 
 def _recipe(demo_dir: Path, arch: str, loras: list[str]) -> str:
-    from craft_export.demo import DEMO_LORAS
+    from craft_export.demo import recipe_text
 
-    lines = ["[base]", f'path = "{demo_dir}/{arch}-tiny"', f'routing = "{arch}"', ""]
-    for name in loras:
-        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{DEMO_LORAS[name][0]}"',
-                  f'path = "{demo_dir}/loras/{arch}-{name}.safetensors"', ""]
-    lines += ["[defaults]", "steps = 8", "height = 64", "width = 64", "", "[engine]", "min_size = 64",
-              "opt_size = 64", "max_size = 128", "max_batch = 8", ""]
-    return "\n".join(lines)
+    return recipe_text(arch, loras, root=demo_dir)
 
 
 def _serve(repo: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
