@@ -182,3 +182,38 @@ def test_bad_lora_files(tmp_path, shapes):
     save_file(good, str(tmp_path / "good.safetensors"), metadata={"alpha": "1.0"})
     adapter, _ = load_lora(tmp_path / "good.safetensors", s, name="good")
     assert math.isclose(adapter.modules[modules[0]].alpha, 1.0)
+
+
+SGM_FACTS = {  # SGM / LDM block names of the public layouts -> diffusers module names
+    "sdxl": {
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+        "middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+        "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+        "output_blocks_5_1_transformer_blocks_0_attn2_to_out_0": "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out.0",
+        "output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+    },
+    "sd15": {
+        "input_blocks_1_1_proj_in": "down_blocks.0.attentions.0.proj_in",
+        "output_blocks_2_1_conv": "up_blocks.0.upsamplers.0.conv",
+        "output_blocks_11_1_transformer_blocks_0_ff_net_2": "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2",
+    },
+}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_kohya_sgm_names_map_to_diffusers_modules(shapes, arch):
+    s = shapes[arch]
+    facts = SGM_FACTS[arch]
+    factors = _factors(s, list(facts.values()))
+    sgm = {}
+    for key, module in facts.items():
+        A, B = factors[module]
+        sgm[f"lora_unet_{key}.lora_down.weight"], sgm[f"lora_unet_{key}.lora_up.weight"] = A, B
+        sgm[f"lora_unet_{key}.alpha"] = torch.tensor(2.0)
+    by_sgm = parse_lora(sgm, s, name="sgm")
+    by_diffusers = parse_lora(_write("kohya", factors, 2.0), s, name="diffusers")
+    assert set(by_sgm.modules) == set(facts.values())
+    for m in facts.values():
+        assert torch.equal(adapter_deltas(by_sgm, s)[m], adapter_deltas(by_diffusers, s)[m])
