@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from craft_ops.request import RequestError
 
@@ -43,18 +45,32 @@ class PipelineSettings:
     model_name: str
     streaming: bool
     workers: int
+    device: str  # "cpu", or "cuda:<i>" when the repository's engines are TensorRT on a GPU
 
     @classmethod
     def from_args(cls, args: dict[str, str]) -> "PipelineSettings":
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         streaming = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        repo = Path(args["model_repository"]).resolve().parent
         return cls(
-            repo=Path(args["model_repository"]).resolve().parent,
+            repo=repo,
             model_name=args["model_name"],
             streaming=streaming,
             workers=int(params.get("workers", "4") or 4),
+            device=_pipeline_device(repo, args),
         )
+
+
+def _pipeline_device(repo: Path, args: dict[str, str]) -> str:
+    """Latents live on the GPU when the engines are TensorRT and CUDA is visible, else on the CPU."""
+    try:
+        runtime = json.loads((repo / MANIFEST).read_text()).get("runtime")
+    except (OSError, ValueError):
+        return "cpu"
+    if runtime == "tensorrt" and torch.cuda.is_available():
+        return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+    return "cpu"
 
 
 def _error(pb_utils, exc: BaseException):
@@ -73,7 +89,7 @@ class PipelineModel:
         self.settings = PipelineSettings.from_args(args)
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
         self.log = pb_utils.Logger
-        self._runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many)
+        self._runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many, self.settings.device)
         self._manifest_stamp = self._stamp()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -93,7 +109,7 @@ class PipelineModel:
         if stamp == self._manifest_stamp:
             return
         try:
-            runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many)
+            runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many, self.settings.device)
         except (ManifestError, OSError, ValueError) as exc:
             self.log.log_warn(f"craft: new manifest rejected, keeping the loaded one: {exc}")
             return
@@ -118,11 +134,27 @@ class PipelineModel:
         """Runs on a worker thread: hands the calls to the event loop and waits for all of them."""
         return asyncio.run_coroutine_threadsafe(self._bls(calls), self._loop).result()
 
-    async def _bls(self, calls: list[NetCall]) -> list[dict[str, np.ndarray]]:
+    def _tensor(self, name: str, value: torch.Tensor):
+        """torch -> pb_utils.Tensor: DLPack for CUDA tensors (no host copy), numpy otherwise."""
+        if value.is_cuda:
+            return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+        return self.pb.Tensor(name, np.ascontiguousarray(value.detach().numpy()))
+
+    def _from_pb(self, tensor) -> torch.Tensor:
+        if self.settings.device != "cpu":
+            return from_dlpack(tensor.to_dlpack()).to(self.settings.device)
+        return torch.from_numpy(tensor.as_numpy())
+
+    async def _bls(self, calls: list[NetCall]) -> list[dict[str, torch.Tensor]]:
         pb = self.pb
+        if self.settings.device != "cpu":
+            torch.cuda.current_stream().synchronize()  # DLPack consumers do not follow stream order
+        extra = {}
+        if self.settings.device != "cpu":
+            extra["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, torch.device(self.settings.device).index or 0)
         requests = [
             pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs),
-                                inputs=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in c.inputs.items()])
+                                inputs=[self._tensor(k, v) for k, v in c.inputs.items()], **extra)
             for c in calls
         ]
         responses = await asyncio.gather(*(r.async_exec() for r in requests))
@@ -130,7 +162,7 @@ class PipelineModel:
         for call, resp in zip(calls, responses):
             if resp.has_error():
                 raise BlsError(f"{call.model}: {resp.error().message()}")
-            outs.append({n: pb.get_output_tensor_by_name(resp, n).as_numpy() for n in call.outputs})
+            outs.append({n: self._from_pb(pb.get_output_tensor_by_name(resp, n)) for n in call.outputs})
         return outs
 
     # -- requests --------------------------------------------------------------------------------
@@ -197,7 +229,7 @@ def _preview(latents) -> np.ndarray:
     x = latents[:, :3].float()
     lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
     x = (x - lo) / (hi - lo).clamp_min(1e-6)
-    return (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return (x * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -207,27 +239,44 @@ class EngineSettings:
     outputs: tuple[str, ...]
     max_batch: int
     threads: int
+    runtime: str  # "onnxruntime" | "tensorrt"
+    cuda_graphs: bool
+    device: int
 
     @classmethod
     def from_args(cls, args: dict[str, str]) -> "EngineSettings":
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        on_gpu = args.get("model_instance_kind") == "GPU"
         return cls(
             model_dir=Path(args["model_repository"]) / args["model_version"],
             inputs=tuple(i["name"] for i in config["input"]),
             outputs=tuple(o["name"] for o in config["output"]),
             max_batch=max(1, int(config.get("max_batch_size", 1))),
             threads=int(params.get("threads", "0") or 0),
+            runtime=params.get("craft_runtime", "onnxruntime") or "onnxruntime",
+            cuda_graphs=params.get("cuda_graphs", "").lower() in ("1", "true", "yes"),
+            device=int(args.get("model_instance_device_id") or 0) if on_gpu else 0,
         )
 
 
 class EngineModel:
-    """An exported network behind ONNX Runtime, as a Python-backend model with batching."""
+    """An exported network (ONNX Runtime, or a TensorRT plan on a GPU) as a batching Python-backend model.
+
+    Inputs arrive as numpy (the GPU engine copies them to the device); a zero-copy DLPack
+    input path for GPU-resident BLS tensors is the next step and is not wired yet.
+    """
 
     def __init__(self, pb_utils, args: dict[str, str]):
         self.pb = pb_utils
         self.settings = EngineSettings.from_args(args)
-        self.session = OrtSession(self.settings.model_dir / "model.onnx", threads=self.settings.threads)
+        plan = self.settings.model_dir / "model.plan"
+        if self.settings.runtime == "tensorrt" and plan.is_file():
+            from .trt_runner import TrtSession  # GPU only; unverified without one (see README)
+
+            self.session = TrtSession(plan, device=self.settings.device, cuda_graphs=self.settings.cuda_graphs)
+        else:
+            self.session = OrtSession(self.settings.model_dir / "model.onnx", threads=self.settings.threads)
 
     def execute(self, requests: list[Any]):
         pb = self.pb

@@ -40,14 +40,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class NetCall:
-    """One network evaluation: Triton model name, named inputs, wanted outputs."""
+    """One network evaluation: Triton model name, named input tensors, wanted outputs.
+
+    Inputs are torch tensors on the pipeline's device; ``infer_many`` returns torch
+    tensors on that device too (CPU: via numpy; GPU: via DLPack, no host round trip).
+    """
 
     model: str
-    inputs: Mapping[str, np.ndarray]
+    inputs: Mapping[str, torch.Tensor]
     outputs: tuple[str, ...]
 
 
-InferMany = Callable[[Sequence[NetCall]], list[dict[str, np.ndarray]]]
+InferMany = Callable[[Sequence[NetCall]], list[dict[str, torch.Tensor]]]
 
 
 class Cancelled(RuntimeError):
@@ -126,21 +130,21 @@ class _BlsDenoiser:
     def __call__(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
         net_calls = []
         for c in calls:
-            inputs = {k: v.detach().cpu().numpy() for k, v in unet_inputs(c.x, c.t, c.cond).items()}
+            inputs = dict(unet_inputs(c.x, c.t, c.cond))
             inputs["timestep"] = inputs["timestep"].reshape(-1, 1)  # per-item scalar: dims [1] in config.pbtxt
             net_calls.append(NetCall(self.runtime.model_for(c.variant), inputs, ("noise_pred",)))
-        outs = self.runtime.infer_many(net_calls)
-        return [torch.from_numpy(np.ascontiguousarray(o["noise_pred"])) for o in outs]
+        return [o["noise_pred"] for o in self.runtime.infer_many(net_calls)]
 
 
 class PipelineRuntime:
     """The CRAFT-LoRA pipeline over a model repository's networks."""
 
-    def __init__(self, repo: RepoView, infer_many: InferMany):
+    def __init__(self, repo: RepoView, infer_many: InferMany, device: str = "cpu"):
         from transformers import CLIPTokenizer
 
         self.repo = repo
         self.infer_many = infer_many
+        self.device = torch.device(device)
         names = ["tokenizer", "tokenizer_2"] if repo.arch == "sdxl" else ["tokenizer"]
         self.tokenizers = [CLIPTokenizer.from_pretrained(repo.assets[n]) for n in names]
         self.scheduler_config = json.loads(Path(repo.assets["scheduler_config"]).read_text())
@@ -148,8 +152,8 @@ class PipelineRuntime:
         self.latent_channels = int(repo.raw.get("latent_channels", 4))
 
     @classmethod
-    def from_repository(cls, root: Path, infer_many: InferMany) -> "PipelineRuntime":
-        return cls(read_manifest(root), infer_many)
+    def from_repository(cls, root: Path, infer_many: InferMany, device: str = "cpu") -> "PipelineRuntime":
+        return cls(read_manifest(root), infer_many, device)
 
     def model_for(self, variant: Variant) -> str:
         model = self.repo.model_for(variant)
@@ -173,16 +177,17 @@ class PipelineRuntime:
         """Text encoder(s) via BLS, then SDXL micro-conditioning."""
         ids = tokenize(self.tokenizers, texts)
         names = ["text_encoder", "text_encoder_2"][: len(ids)]
-        calls = [NetCall(self.repo.networks[n], {"input_ids": i}, ("hidden_states", "text_embeds") if n == "text_encoder_2"
-                         else ("hidden_states",)) for n, i in zip(names, ids)]
+        calls = [NetCall(self.repo.networks[n], {"input_ids": torch.from_numpy(i).to(self.device)},
+                         ("hidden_states", "text_embeds") if n == "text_encoder_2" else ("hidden_states",))
+                 for n, i in zip(names, ids)]
         outs = self.infer_many(calls)
-        hiddens = [torch.from_numpy(np.ascontiguousarray(o["hidden_states"])) for o in outs]
-        pooled = torch.from_numpy(np.ascontiguousarray(outs[-1]["text_embeds"])) if self.repo.arch == "sdxl" else None
+        hiddens = [o["hidden_states"] for o in outs]
+        pooled = outs[-1]["text_embeds"] if self.repo.arch == "sdxl" else None
         return build_conditioning(self.repo.arch, hiddens, pooled, height, width)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        out = self.infer_many([NetCall(self.repo.networks["vae_decoder"], {"latent": latents.numpy()}, ("image",))])[0]
-        return to_uint8(torch.from_numpy(np.ascontiguousarray(out["image"])))
+        out = self.infer_many([NetCall(self.repo.networks["vae_decoder"], {"latent": latents}, ("image",))])[0]
+        return to_uint8(out["image"])
 
     def generate(
         self,
@@ -207,7 +212,7 @@ class PipelineRuntime:
         images: list[np.ndarray | None] = [None] * plan.num_prompts
         for group in plan.groups:
             cond = self.encode(group.texts, plan.height, plan.width)
-            noise, generator = group_noise(group, latent_shape)
+            noise, generator = group_noise(group, latent_shape, self.device)
             scheduler = make_scheduler(plan.scheduler, self.scheduler_config)
             latents = sample(_BlsDenoiser(self), scheduler, noise, cond, uncond, group.config,
                              generator=generator, callback=callback)
