@@ -275,9 +275,11 @@ def _write_model_config(job: ModelJob, spec, target: Path, runner: str, options:
         platform = "tensorrt_plan" if runner == "native" else "python"
     else:
         platform = "onnxruntime" if runner == "native" else "python"
+    # UNet models batch whatever is already queued but never wait for more: a 2 ms window cost
+    # 2.2 ms per call serially and bought no throughput on CPU (benchmarks/results/serve-*).
     text = config_pbtxt(job.name, spec, platform=platform, max_batch_size=loaded.engine.max_batch,
                         instance_kind="KIND_GPU" if options.runtime == "tensorrt" else "KIND_CPU",
-                        dynamic_batching=job.network == "unet", max_queue_delay_us=2000 if job.network == "unet" else None,
+                        dynamic_batching=job.network == "unet", max_queue_delay_us=0 if job.network == "unet" else None,
                         parameters={"craft_runtime": options.runtime, "craft_network": job.network})
     (target / "config.pbtxt").write_text(text)
     if platform == "python":

@@ -225,7 +225,7 @@ class PipelineRuntime:
 _STREAM_OUTPUTS = (("step", "TYPE_INT32", [1]), ("total_steps", "TYPE_INT32", [1]), ("preview", "TYPE_UINT8", [-1, -1, -1, 3]))
 
 
-def pipeline_config(name: str, *, streaming: bool, instances: int = 2, workers: int = 4) -> str:
+def pipeline_config(name: str, *, streaming: bool, instances: int = 4, workers: int = 4) -> str:
     """``config.pbtxt`` of the pipeline models, generated from :data:`REQUEST_INPUTS`."""
     lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0", ""]
     for inp, (dtype, dims, required) in REQUEST_INPUTS.items():

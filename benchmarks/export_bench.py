@@ -1,0 +1,395 @@
+"""Export timings: full ``craft export`` vs re-export after adding one LoRA (+ TensorRT build vs refit on GPU).
+
+CPU part (always runs; tiny demo models from ``craft_export.demo``, ONNX Runtime repositories,
+``runner="python"`` as in the serving tests):
+
+* full export of the tiny SD 1.5 recipe (4 LoRAs -> 2 networks + 9 UNet variants = 11 models)
+  and of the tiny SDXL recipe (3 networks + 9 UNet variants = 12 models), each into a fresh
+  folder, median of ``--repeats`` runs;
+* incremental: export the SD 1.5 recipe without ``fire`` (8 models), then add ``fire`` to the
+  recipe and export into the same folder: the seconds of that second export, what it built /
+  reused, and the ratio incremental / full.
+
+GPU part (only when ``torch.cuda.is_available()`` and ``import tensorrt`` work; otherwise the
+result says ``"skipped: ..."``). UNTESTED on this project's CPU machines - written against
+``craft_export.tensorrt_build.EngineBuild`` (TensorRT 10 API): a full-size SDXL UNet
+(public config from REFERENCE-ARCHITECTURES.md, random weights - timing does not depend on
+values) exported to ONNX, then ``EngineBuild(precision).build(onnx, spec.profile(range),
+refittable=True)`` (the W_init engine) vs ``.refit(base_engine, variant_onnx)`` for a LoRA
+variant whose attention / resnet weights differ (the variant ONNX is derived from the base
+graph with ``onnx_variants.derive_variant``, as the exporter does).
+
+Writes ``benchmarks/results/export-<machine>-<YYYY-MM-DD>.json`` and a ``.md`` table beside it.
+
+    .venv/bin/python benchmarks/export_bench.py [--quick] [--repeats N] [--no-gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# SDXL base UNet, REFERENCE-ARCHITECTURES.md (diffusers UNet2DConditionModel kwargs)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+# Only what network_specs reads from the other configs (widths, vocab, token ids).
+SDXL_OTHER_CONFIGS = {
+    "vae": dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, out_channels=3, scaling_factor=0.13025),
+    "text_encoder": dict(hidden_size=768, max_position_embeddings=77, vocab_size=49408,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+    "text_encoder_2": dict(hidden_size=1280, projection_dim=1280, max_position_embeddings=77, vocab_size=49408,
+                           bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+}
+
+
+# -- machine description -----------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if m:
+            return m[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_slug() -> str:
+    return f"cpu-{os.cpu_count()}c-{_slug(cpu_model())}"
+
+
+def git_state() -> dict:
+    """Commit and locally modified files of the checkout (the server runs the working tree's code)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--short", "--untracked-files=no"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head.stdout.strip(), "modified": [line[3:] for line in status.stdout.splitlines()]}
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# -- CPU part -----------------------------------------------------------------------------------------
+
+
+def _recipe_text(demo: Path, arch: str, loras: list[str]) -> str:
+    from craft_export.demo import DEMO_LORAS
+
+    lines = ["[base]", f'path = "{demo}/{arch}-tiny"', f'routing = "{arch}"', ""]
+    for name in loras:
+        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{DEMO_LORAS[name][0]}"',
+                  f'path = "{demo}/loras/{arch}-{name}.safetensors"', ""]
+    lines += ["[defaults]", "steps = 8", "height = 64", "width = 64", "", "[engine]", "min_size = 64",
+              "opt_size = 64", "max_size = 128", "max_batch = 8", ""]
+    return "\n".join(lines)
+
+
+def _export(recipe: Path, out: Path) -> dict:
+    from craft_export.exporter import ExportOptions, export_repository
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = export_repository(ExportOptions(recipe=recipe, out=out, runner="python"))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    summary = report.summary()
+    summary["wall_seconds"] = round(wall, 3)
+    summary["process_cpu_seconds"] = round(cpu, 3)
+    summary["model_seconds"] = dict(report.timings)
+    # split each built model's seconds: ONNX trace / derive (recorded in the manifest) vs the rest
+    # (mostly the ONNX Runtime-vs-PyTorch parity check, and config writing)
+    records = json.loads((out / "manifest.json").read_text())["models"]
+    split = {"traced": 0.0, "derived": 0.0, "parity_and_rest": 0.0}
+    for name, seconds in report.timings.items():
+        rec = records.get(name, {})
+        split[rec.get("export", "traced")] += rec.get("export_seconds", 0.0)
+        split["parity_and_rest"] += seconds - rec.get("export_seconds", 0.0)
+    split["outside_models"] = wall - sum(report.timings.values())
+    summary["seconds_split"] = {k: round(v, 3) for k, v in split.items()}
+    return summary
+
+
+def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
+    from craft_export.demo import DEMO_LORAS, write_demo_assets
+
+    demo = work / "demo"
+    t0 = time.perf_counter()
+    write_demo_assets(demo)
+    result: dict = {"demo_assets_seconds": round(time.perf_counter() - t0, 3)}
+    all_loras = list(DEMO_LORAS)
+
+    # Incremental first: its first export also absorbs the one-time import/JIT warm-up
+    # (torch.onnx, onnxruntime), so the full exports timed after it are all warm. Each cycle
+    # exports the recipe without "fire" (the first time: 8 models; later: removes the 3 fire
+    # models again), then with "fire" (the timed incremental export).
+    recipe = work / "recipe-sd15-incremental.toml"
+    repo = work / "repo-sd15-incremental"
+    without = [n for n in all_loras if n != "fire"]
+    first, seconds_runs = None, []
+    for r in range(repeats):
+        recipe.write_text(_recipe_text(demo, "sd15", without))
+        base = _export(recipe, repo)
+        first = first or base
+        recipe.write_text(_recipe_text(demo, "sd15", all_loras))
+        second = _export(recipe, repo)
+        seconds_runs.append(second["wall_seconds"])
+        print(f"  sd15 without fire: {base['wall_seconds']:.1f} s ({len(base['built'])} built, "
+              f"{len(base['removed'])} removed); +fire: {second['wall_seconds']:.1f} s, built {second['built']}",
+              flush=True)
+
+    for arch in ["sd15"] + (["sdxl"] if with_sdxl else []):
+        recipe = work / f"recipe-{arch}-full.toml"
+        recipe.write_text(_recipe_text(demo, arch, all_loras))
+        runs = []
+        for r in range(repeats):
+            out = work / f"repo-{arch}-full-{r}"
+            runs.append(_export(recipe, out))
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  {arch} full export #{r + 1}: {runs[-1]['wall_seconds']:.1f} s, "
+                  f"{len(runs[-1]['built'])} models", flush=True)
+        walls = [run["wall_seconds"] for run in runs]
+        result[f"{arch}_full"] = {
+            "loras": all_loras, "models_built": len(runs[-1]["built"]), "built": runs[-1]["built"],
+            "seconds_median": round(statistics.median(walls), 3), "seconds_runs": walls,
+            "process_cpu_seconds_runs": [run["process_cpu_seconds"] for run in runs],
+            "model_seconds_last_run": runs[-1]["model_seconds"],
+            "seconds_split_last_run": runs[-1]["seconds_split"],
+        }
+
+    full = result["sd15_full"]["seconds_median"]
+    incremental = statistics.median(seconds_runs)
+    result["sd15_incremental"] = {
+        "initial_loras": without, "added_lora": "fire",
+        "initial_seconds": first["wall_seconds"], "initial_built": first["built"],
+        "seconds": round(incremental, 3), "seconds_runs": seconds_runs,
+        "seconds_split_last_run": second["seconds_split"],
+        "process_cpu_seconds": second["process_cpu_seconds"],
+        "initial_process_cpu_seconds": first["process_cpu_seconds"], "built": second["built"], "reused": second["reused"],
+        "removed": second["removed"], "model_seconds": second["model_seconds"],
+        "ratio_incremental_over_full": round(incremental / full, 3) if full else None,
+    }
+    return result
+
+
+# -- GPU part (untested here: needs CUDA + TensorRT) ------------------------------------------------
+
+
+def gpu_skip_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "skipped: torch not importable"
+    if not torch.cuda.is_available():
+        return "skipped: no CUDA GPU"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "skipped: tensorrt not importable (install the 'gpu' extra)"
+    return None
+
+
+def gpu_part(work: Path, precision: str, size: int) -> dict:
+    """SDXL-architecture UNet: ONNX export, TensorRT build (refittable) vs refit of a LoRA variant.
+
+    UNTESTED-BUT-PLAUSIBLE: written against the project's EngineBuild API; not run on a GPU here.
+    """
+    import onnx
+    import tensorrt as trt
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from craft_export.networks import UNetNet
+    from craft_export.onnx_export import example_inputs, export_onnx
+    from craft_export.onnx_variants import derive_variant
+    from craft_export.specs import ImageRange, network_specs
+    from craft_export.tensorrt_build import EngineBuild
+
+    out: dict = {"label": "UNTESTED on CPU-only machines: SDXL UNet, public config, random weights",
+                 "device": torch.cuda.get_device_name(0), "tensorrt": trt.__version__, "precision": precision}
+    spec = network_specs("sdxl", {"unet": SDXL_UNET, **SDXL_OTHER_CONFIGS}, max_batch=2)["unet"]
+    image_range = ImageRange((size // 2, size // 2), (size, size), (size, size))
+    out["image_range_px"] = [image_range.min_hw, image_range.opt_hw, image_range.max_hw]
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET).eval().requires_grad_(False)
+    out["unet_parameters_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
+    net = UNetNet(unet).cuda()
+    base_onnx = work / "sdxl-unet" / "base" / "model.onnx"
+    t0 = time.perf_counter()
+    # trace at the smallest size of the range (batch 2: dynamic axes need size >= 2)
+    inputs = {k: v.cuda() for k, v in example_inputs(spec, hw=image_range.min_hw, batch=2, seed=0).items()}
+    export_onnx(net, spec, inputs, base_onnx)
+    out["onnx_export_seconds"] = round(time.perf_counter() - t0, 1)
+
+    # A LoRA-like variant: perturb the attention projections and resnet convs (the demo LoRA
+    # targets); initializer names are the parameter names (do_constant_folding=False).
+    from craft_export.demo import lora_target_modules
+    from craft_export.loading import unet_module_shapes
+
+    names = {init.name for init in onnx.load(str(base_onnx), load_external_data=False).graph.initializer}
+    params = dict(net.named_parameters())
+    g = torch.Generator("cpu").manual_seed(1)
+    overrides = {}
+    for m in lora_target_modules(unet_module_shapes(unet)):
+        key = f"unet.{m}.weight"
+        if key in names:
+            w = params[key].detach().float().cpu()
+            overrides[key] = w + 0.01 * w.std() * torch.randn(w.shape, generator=g)
+    variant_onnx = work / "sdxl-unet" / "variant" / "model.onnx"
+    variant_onnx.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    derive_variant(base_onnx, overrides, variant_onnx)
+    out["variant_onnx_derive_seconds"] = round(time.perf_counter() - t0, 1)
+    out["variant_weights_changed"] = len(overrides)
+    del net, unet
+    torch.cuda.empty_cache()
+
+    builder = EngineBuild(precision)
+    profile = spec.profile(image_range)
+    t0 = time.perf_counter()
+    base_engine = builder.build(base_onnx, profile, refittable=True)
+    out["build_seconds"] = round(time.perf_counter() - t0, 1)
+    out["engine_bytes"] = len(base_engine)
+    # second build: the timing cache is warm now (what a re-export without refit would pay)
+    t0 = time.perf_counter()
+    builder.build(variant_onnx, profile, refittable=True)
+    out["build_seconds_warm_timing_cache"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    refitted = builder.refit(base_engine, variant_onnx)  # includes reading the variant ONNX
+    out["refit_seconds"] = round(time.perf_counter() - t0, 1)
+    out["refit_engine_bytes"] = len(refitted)
+    out["ratio_refit_over_build"] = round(out["refit_seconds"] / out["build_seconds"], 4)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    cpu = report["cpu"]
+    lines = [f"# Export benchmark - {report['machine']} - {report['date']}", "",
+             f"Mode: {report['mode']}. CPU: {report['cpu_model']}, {report['cores']} cores, torch threads "
+             f"{report['torch_threads']}. Load average at start {report['load_average_start']}, "
+             f"at end {report['load_average_end']} (other processes were running).", "",
+             "| case | models built | seconds | notes |", "|---|---:|---:|---|"]
+    for arch in ("sd15", "sdxl"):
+        c = cpu.get(f"{arch}_full")
+        if c:
+            lines.append(f"| {arch} tiny, full export (4 LoRAs) | {c['models_built']} | {c['seconds_median']:.2f} | "
+                         f"median of {len(c['seconds_runs'])}: {c['seconds_runs']} |")
+    inc = cpu["sd15_incremental"]
+    lines.append(f"| sd15 tiny, export without `fire` | {len(inc['initial_built'])} | {inc['initial_seconds']:.2f} | "
+                 "first export of the run (includes import warm-up) |")
+    lines.append(f"| sd15 tiny, re-export adding `fire` | {len(inc['built'])} | {inc['seconds']:.2f} | "
+                 f"median of {len(inc['seconds_runs'])}: {inc['seconds_runs']}; built {', '.join(inc['built'])}; "
+                 f"reused {len(inc['reused'])} |")
+    lines.append(f"| ratio incremental / full (sd15) | | {inc['ratio_incremental_over_full']:.3f} | |")
+    lines += ["", "Where the seconds go (last run; seconds): ONNX trace of W_init / networks, derive of UNet variants "
+              "from the W_init graph, parity check + config per model, and outside the per-model loop (loading, "
+              "planning, pipeline models, manifest).", "",
+              "| case | traced | derived | parity + rest | outside models |", "|---|---:|---:|---:|---:|"]
+    for label, split in ((f"{a} full" , cpu[f"{a}_full"]["seconds_split_last_run"]) for a in ("sd15", "sdxl")
+                         if f"{a}_full" in cpu):
+        lines.append(f"| {label} | {split['traced']} | {split['derived']} | {split['parity_and_rest']} | "
+                     f"{split['outside_models']} |")
+    split = inc["seconds_split_last_run"]
+    lines.append(f"| sd15 +fire | {split['traced']} | {split['derived']} | {split['parity_and_rest']} | "
+                 f"{split['outside_models']} |")
+    lines.append("")
+    gpu = report["gpu"]
+    if isinstance(gpu, str):
+        lines.append(f"GPU (TensorRT build vs refit, SDXL UNet): {gpu}")
+    else:
+        lines += ["GPU (TensorRT, SDXL-architecture UNet, random weights) - " + gpu.get("label", ""), "",
+                  "| step | seconds |", "|---|---:|"]
+        for key in ("onnx_export_seconds", "variant_onnx_derive_seconds", "build_seconds",
+                    "build_seconds_warm_timing_cache", "refit_seconds", "ratio_refit_over_build"):
+            if key in gpu:
+                lines.append(f"| {key} | {gpu[key]} |")
+        if "error" in gpu:
+            lines.append(f"\nerror: {gpu['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat, SD 1.5 only (no SDXL full export)")
+    parser.add_argument("--repeats", type=int, default=None, help="full exports per architecture and incremental cycles (default 3, quick 1)")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the TensorRT part even with a GPU")
+    parser.add_argument("--gpu-precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--gpu-size", type=int, default=1024, help="opt/max image size (px) of the engine profile")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default results/export-<machine>-<date>.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    date = datetime.date.today().isoformat()
+    report = {
+        "benchmark": "export", "date": date, "machine": machine_slug(), "cpu_model": cpu_model(),
+        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "git": git_state(), "mode": "quick" if args.quick else "full", "repeats": repeats,
+        "load_average_start": load_average(),
+    }
+    print(f"export benchmark on {report['machine']} ({report['mode']}), load average {report['load_average_start']}",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="craft-export-bench-") as tmp:
+        report["cpu"] = cpu_part(Path(tmp), repeats, with_sdxl=not args.quick)
+        reason = "skipped: --no-gpu" if args.no_gpu else gpu_skip_reason()
+        if reason:
+            report["gpu"] = reason
+        else:
+            try:
+                report["gpu"] = gpu_part(Path(tmp), args.gpu_precision, args.gpu_size)
+            except Exception as exc:  # noqa: BLE001 - the CPU numbers are still worth writing
+                report["gpu"] = {"label": "UNTESTED", "error": f"{type(exc).__name__}: {exc}"}
+    report["load_average_end"] = load_average()
+
+    out = args.out or RESULTS / f"export-{report['machine']}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print()
+    print(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
