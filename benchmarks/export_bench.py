@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -43,82 +42,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-# SDXL base UNet, REFERENCE-ARCHITECTURES.md (diffusers UNet2DConditionModel kwargs)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-# Only what network_specs reads from the other configs (widths, vocab, token ids).
-SDXL_OTHER_CONFIGS = {
-    "vae": dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, out_channels=3, scaling_factor=0.13025),
-    "text_encoder": dict(hidden_size=768, max_position_embeddings=77, vocab_size=49408,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-    "text_encoder_2": dict(hidden_size=1280, projection_dim=1280, max_position_embeddings=77, vocab_size=49408,
-                           bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
-}
-
-
-# -- machine description -----------------------------------------------------------------------------
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if m:
-            return m[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_slug() -> str:
-    return f"cpu-{os.cpu_count()}c-{_slug(cpu_model())}"
-
-
-def git_state() -> dict:
-    """Commit and locally modified files of the checkout (the server runs the working tree's code)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--short", "--untracked-files=no"], cwd=root, capture_output=True,
-                                text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": head.stdout.strip(), "modified": [line[3:] for line in status.stdout.splitlines()]}
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
+from _common import RESULTS, cpu_model, git_state, load_average, machine_slug  # noqa: E402
 
 # -- CPU part -----------------------------------------------------------------------------------------
-
-
-def _recipe_text(demo: Path, arch: str, loras: list[str]) -> str:
-    from craft_export.demo import DEMO_LORAS
-
-    lines = ["[base]", f'path = "{demo}/{arch}-tiny"', f'routing = "{arch}"', ""]
-    for name in loras:
-        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{DEMO_LORAS[name][0]}"',
-                  f'path = "{demo}/loras/{arch}-{name}.safetensors"', ""]
-    lines += ["[defaults]", "steps = 8", "height = 64", "width = 64", "", "[engine]", "min_size = 64",
-              "opt_size = 64", "max_size = 128", "max_batch = 8", ""]
-    return "\n".join(lines)
 
 
 def _export(recipe: Path, out: Path) -> dict:
@@ -145,7 +71,7 @@ def _export(recipe: Path, out: Path) -> dict:
 
 
 def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
-    from craft_export.demo import DEMO_LORAS, write_demo_assets
+    from craft_export.demo import DEMO_LORAS, recipe_text, write_demo_assets
 
     demo = work / "demo"
     t0 = time.perf_counter()
@@ -162,10 +88,10 @@ def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
     without = [n for n in all_loras if n != "fire"]
     first, seconds_runs = None, []
     for r in range(repeats):
-        recipe.write_text(_recipe_text(demo, "sd15", without))
+        recipe.write_text(recipe_text("sd15", without, demo))
         base = _export(recipe, repo)
         first = first or base
-        recipe.write_text(_recipe_text(demo, "sd15", all_loras))
+        recipe.write_text(recipe_text("sd15", all_loras, demo))
         second = _export(recipe, repo)
         seconds_runs.append(second["wall_seconds"])
         print(f"  sd15 without fire: {base['wall_seconds']:.1f} s ({len(base['built'])} built, "
@@ -174,7 +100,7 @@ def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
 
     for arch in ["sd15"] + (["sdxl"] if with_sdxl else []):
         recipe = work / f"recipe-{arch}-full.toml"
-        recipe.write_text(_recipe_text(demo, arch, all_loras))
+        recipe.write_text(recipe_text(arch, all_loras, demo))
         runs = []
         for r in range(repeats):
             out = work / f"repo-{arch}-full-{r}"
@@ -233,6 +159,7 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from craft_export.architectures import UNET_CONFIGS, spec_configs
     from craft_export.networks import UNetNet
     from craft_export.onnx_export import example_inputs, export_onnx
     from craft_export.onnx_variants import derive_variant
@@ -241,12 +168,12 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
 
     out: dict = {"label": "UNTESTED on CPU-only machines: SDXL UNet, public config, random weights",
                  "device": torch.cuda.get_device_name(0), "tensorrt": trt.__version__, "precision": precision}
-    spec = network_specs("sdxl", {"unet": SDXL_UNET, **SDXL_OTHER_CONFIGS}, max_batch=2)["unet"]
+    spec = network_specs("sdxl", spec_configs("sdxl"), max_batch=2)["unet"]
     image_range = ImageRange((size // 2, size // 2), (size, size), (size, size))
     out["image_range_px"] = [image_range.min_hw, image_range.opt_hw, image_range.max_hw]
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(**UNET_CONFIGS["sdxl"]).eval().requires_grad_(False)
     out["unet_parameters_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
     net = UNetNet(unet).cuda()
     base_onnx = work / "sdxl-unet" / "base" / "model.onnx"

@@ -72,6 +72,10 @@ from typing import Any
 
 import numpy as np
 
+# Public full-size architectures (configs only; the models get random weights).
+from craft_export.architectures import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG
+from craft_export.architectures import VAE_SCALING as SCALING
+
 log = logging.getLogger("gpu_bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,35 +100,6 @@ PEAK_FP16_DENSE = (
     (r"A100", "A100", 312.0),
     (r"L40S", "L40S", 362.1),
 )
-
-# Public architectures (shared/REFERENCE-ARCHITECTURES.md) as diffusers / transformers arguments.
-UNET_CONFIGS: dict[str, dict] = {
-    "sd15": dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-    ),
-    "sdxl": dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                  block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4)
-SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 hidden_act="gelu", projection_dim=1280)
-SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                    "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
-                    "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False}
 
 PROMPT = "a dog <c> in watercolor style <s>"
 PROMPT_PLAIN = "a dog in watercolor style"

@@ -53,7 +53,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, cpu_model, git_state, load_average, machine_slug  # noqa: E402
 
 PROMPT = "a dog <c> in watercolor style <s>"
 CONTENT, STYLE = "dog", "watercolor"
@@ -77,48 +77,6 @@ PRESETS = {
 }
 
 log = logging.getLogger("serve_bench")
-
-
-# -- machine description -----------------------------------------------------------------------------
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if m:
-            return m[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_slug() -> str:
-    return f"cpu-{os.cpu_count()}c-{_slug(cpu_model())}"
-
-
-def git_state() -> dict:
-    """Commit and locally modified files of the checkout (the server runs the working tree's code)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--short", "--untracked-files=no"], cwd=root, capture_output=True,
-                                text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": head.stdout.strip(), "modified": [line[3:] for line in status.stdout.splitlines()]}
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def _ms(seconds: float) -> float:

@@ -32,21 +32,14 @@ from pathlib import Path
 
 import torch
 
+from craft_export.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
+
 log = logging.getLogger("train_bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# SDXL base UNet, REFERENCE-ARCHITECTURES.md
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SDXL_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+# Full-size SDXL (public config, random weights) for the GPU cases.
+SDXL_UNET = UNET_CONFIGS["sdxl"]
 
 
 def machine_name() -> str:
@@ -149,7 +142,7 @@ def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype, device: tor
             "text_embeds": torch.randn(1, pooled, generator=g).to(device),  # (1, 1280)
             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32,
                                      device=device)}
-    schedule = NoiseSchedule.from_config(SDXL_SCHEDULER)
+    schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "no"}[dtype]
     dummy = Path(tempfile.gettempdir())
     if command == "train-backbone":

@@ -134,15 +134,9 @@ def test_run_batched_torch_groups_by_shape_and_respects_max_batch():
 # ---------------------------------------------------------------------------------------------
 
 def _recipe(demo_dir: Path, arch: str, loras: list[str], path: Path) -> Path:
-    from craft_export.demo import DEMO_LORAS
+    from craft_export.demo import recipe_text
 
-    lines = ["[base]", f'path = "{demo_dir}/{arch}-tiny"', f'routing = "{arch}"', ""]
-    for name in loras:
-        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{DEMO_LORAS[name][0]}"',
-                  f'path = "{demo_dir}/loras/{arch}-{name}.safetensors"', ""]
-    lines += ["[defaults]", "steps = 8", "height = 64", "width = 64", "", "[engine]", "min_size = 64",
-              "opt_size = 64", "max_size = 128", "max_batch = 8", ""]
-    path.write_text("\n".join(lines))
+    path.write_text(recipe_text(arch, loras, demo_dir))
     return path
 
 
