@@ -485,12 +485,14 @@ def bench_unet(parts: Parts, state: dict, args) -> dict:
 
     arch, device = parts.arch, parts.device
     hw = (SIZE[arch], SIZE[arch])
-    flop = UNET_FLOP[arch]
+    flop = None if args.tiny else UNET_FLOP[arch]  # the FLOP counts are for the full-size models
     peak = state["device"].get("peak_fp16_dense_tflops")
     measured = state.get("ceilings", {}).get("fp16_matmul_8192_tflops")
     warmup, reps = (2, 5) if args.quick else (5, 20)
 
     def rate(ms: float, batch: int) -> dict:
+        if flop is None:
+            return {}
         tflops = flop * batch / (ms * 1e-3) / 1e12
         out = {"tflops": round(tflops, 1)}
         if peak:
