@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -14,12 +15,10 @@ __all__ = ["generate_remote", "run_models_cli"]
 
 
 def _fields(request) -> dict:
-    return {
-        "negative_prompt": request.negative_prompt or None, "content": request.content, "style": request.style,
-        "seed": request.seed, "steps": request.steps, "guidance": request.guidance, "height": request.height,
-        "width": request.width, "gamma_c": request.gamma_c, "gamma_s": request.gamma_s, "mode": request.mode,
-        "scheduler": request.scheduler, "content_window": request.content_window, "style_window": request.style_window,
-    }
+    """A ``GenerateRequest``'s fields as ``CraftClient.generate`` keywords (prompts aside)."""
+    fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request) if f.name != "prompts"}
+    fields["negative_prompt"] = fields["negative_prompt"] or None
+    return fields
 
 
 def _progress_bar(step: int, total: int) -> None:

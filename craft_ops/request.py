@@ -8,12 +8,12 @@ field and the value.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from .gates import GateError, Window, check_gamma, parse_prompt
+from .gates import GateError, Window, parse_prompt
 from .sampling import MODES, SCHEDULERS, SamplingConfig, initial_latents
 
 __all__ = [

@@ -1,13 +1,19 @@
-"""Pieces shared by the PyTorch reference and the Triton pipeline: tokens, conditioning, images."""
+"""Pieces shared by the PyTorch reference and the Triton pipeline: tokens, conditioning, images,
+and the request loop itself (:func:`run_plan`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["tokenize", "build_conditioning", "to_uint8", "unet_inputs"]
+from craft_ops.request import Plan, group_noise
+from craft_ops.sampling import Denoiser, make_scheduler, sample
+
+__all__ = ["tokenize", "build_conditioning", "to_uint8", "unet_inputs", "run_plan"]
+
+Encode = Callable[[Sequence[str], int, int], dict[str, torch.Tensor]]
 
 
 def tokenize(tokenizers: Sequence, texts: Sequence[str]) -> list[np.ndarray]:
@@ -58,3 +64,40 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8."""
     arr = (image.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
     return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def run_plan(
+    plan: Plan,
+    encode: Encode,
+    denoise: Denoiser,
+    decode: Callable[[torch.Tensor], np.ndarray],
+    latent_shape: tuple[int, int, int],
+    scheduler_config: Mapping,
+    *,
+    device="cpu",
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> np.ndarray:
+    """A planned request -> (N, H, W, 3) uint8 images in prompt order.
+
+    One sampling loop per prompt group (same LoRAs and settings), seeded noise per prompt;
+    ``callback(step, total, latents)`` counts steps over all groups. The reference and
+    the served pipeline both run this, with their own encode / denoise / decode.
+    """
+    uncond = encode([plan.negative_prompt], plan.height, plan.width)
+    total = sum(g.config.steps for g in plan.groups)
+    done = 0
+
+    def on_step(step: int, steps: int, latents: torch.Tensor) -> None:
+        if callback is not None:
+            callback(done + step, total, latents)
+
+    images: list[np.ndarray | None] = [None] * plan.num_prompts
+    for group in plan.groups:
+        cond = encode(group.texts, plan.height, plan.width)
+        noise, generator = group_noise(group, latent_shape, device)
+        scheduler = make_scheduler(plan.scheduler, scheduler_config)
+        latents = sample(denoise, scheduler, noise, cond, uncond, group.config, generator=generator, callback=on_step)
+        done += group.config.steps
+        for idx, image in zip(group.indices, decode(latents)):
+            images[idx] = image
+    return np.stack(images)

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .specs import NetworkSpec, TensorSpec, resolve_dim
+from .specs import NetworkSpec, TensorSpec
 
 __all__ = [
     "EXPORTERS",

@@ -19,11 +19,11 @@ from torch.func import functional_call
 
 from craft_ops.aggregate import Variant, aggregate, routed_deltas
 from craft_ops.lora import LoraAdapter
-from craft_ops.request import Defaults, GenerateRequest, Limits, LoraInfo, Plan, group_noise, plan_request
+from craft_ops.request import Defaults, GenerateRequest, Limits, LoraInfo, Plan, plan_request
 from craft_ops.routing import Routing
-from craft_ops.sampling import UNetCall, make_scheduler, sample
+from craft_ops.sampling import UNetCall
 
-from .conditioning import build_conditioning, to_uint8, tokenize, unet_inputs
+from .conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
 from .loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
 from .networks import TextEncoderNet, UNetNet, VaeDecoderNet
 from .recipe import Recipe
@@ -151,14 +151,5 @@ class ReferencePipeline:
             log.info(note)
         scale = self.parts.latent_scale
         latent_shape = (self.parts.unet.config.in_channels, plan.height // scale, plan.width // scale)
-        uncond = self.encode([plan.negative_prompt], plan.height, plan.width)
-        images: list[np.ndarray | None] = [None] * plan.num_prompts
-        for group in plan.groups:
-            cond = self.encode(group.texts, plan.height, plan.width)
-            noise, generator = group_noise(group, latent_shape)
-            scheduler = make_scheduler(plan.scheduler, self.parts.scheduler_config)
-            latents = sample(self.denoise, scheduler, noise, cond, uncond, group.config,
-                             generator=generator, callback=callback)
-            for idx, image in zip(group.indices, self.decode(latents)):
-                images[idx] = image
-        return np.stack(images)
+        return run_plan(plan, self.encode, self.denoise, self.decode, latent_shape, self.parts.scheduler_config,
+                        callback=callback)

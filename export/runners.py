@@ -7,13 +7,10 @@ the session once per group, and splits the outputs back per request.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 __all__ = ["OrtSession", "run_batched"]
 

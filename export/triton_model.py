@@ -27,6 +27,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from craft_ops.request import RequestError
 
 from .manifest import MANIFEST, ManifestError, read_manifest
+from .conditioning import to_uint8
 from .triton_pipeline import Cancelled, NetCall, PipelineRuntime, request_from_arrays
 from .runners import OrtSession, run_batched
 
@@ -48,29 +49,20 @@ class PipelineSettings:
     device: str  # "cpu", or "cuda:<i>" when the repository's engines are TensorRT on a GPU
 
     @classmethod
-    def from_args(cls, args: dict[str, str]) -> "PipelineSettings":
+    def from_args(cls, args: dict[str, str], repo: Path, runtime: str | None) -> "PipelineSettings":
+        """``runtime``: the manifest's; latents live on the GPU when the engines are TensorRT
+        and CUDA is visible, else on the CPU."""
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         streaming = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
-        repo = Path(args["model_repository"]).resolve().parent
+        on_gpu = runtime == "tensorrt" and torch.cuda.is_available()
         return cls(
             repo=repo,
             model_name=args["model_name"],
             streaming=streaming,
             workers=int(params.get("workers", "4") or 4),
-            device=_pipeline_device(repo, args),
+            device=f"cuda:{int(args.get('model_instance_device_id') or 0)}" if on_gpu else "cpu",
         )
-
-
-def _pipeline_device(repo: Path, args: dict[str, str]) -> str:
-    """Latents live on the GPU when the engines are TensorRT and CUDA is visible, else on the CPU."""
-    try:
-        runtime = json.loads((repo / MANIFEST).read_text()).get("runtime")
-    except (OSError, ValueError):
-        return "cpu"
-    if runtime == "tensorrt" and torch.cuda.is_available():
-        return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
-    return "cpu"
 
 
 def _error(pb_utils, exc: BaseException):
@@ -81,28 +73,38 @@ def _error(pb_utils, exc: BaseException):
     return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
 
+def _stamp(repo: Path) -> tuple[int, int]:
+    """Identity of the current ``manifest.json`` (replaced atomically by ``craft export``)."""
+    stat = (repo / MANIFEST).stat()
+    return stat.st_mtime_ns, stat.st_ino
+
+
 class PipelineModel:
     """The CRAFT-LoRA pipeline as a Triton Python model (plain or decoupled)."""
 
     def __init__(self, pb_utils, args: dict[str, str]):
         self.pb = pb_utils
-        self.settings = PipelineSettings.from_args(args)
+        repo = Path(args["model_repository"]).resolve().parent
+        # stamp before reading: a manifest replaced in between is read again on the next request
+        self._manifest_stamp = _stamp(repo)
+        view = read_manifest(repo)
+        self.settings = PipelineSettings.from_args(args, repo, view.raw.get("runtime"))
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
         self.log = pb_utils.Logger
-        self._runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many, self.settings.device)
-        self._manifest_stamp = self._stamp()
+        self._runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_gpu = self.settings.device != "cpu"
+        self._bls_extra = {}
+        if self._on_gpu:
+            device = torch.device(self.settings.device).index or 0
+            self._bls_extra["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device)
 
     # -- manifest (re)loading: a re-export is picked up on the next request ------------------
-
-    def _stamp(self) -> tuple[int, int]:
-        stat = (self.settings.repo / MANIFEST).stat()
-        return stat.st_mtime_ns, stat.st_ino
 
     def _refresh(self) -> None:
         """Re-read the manifest when ``craft export`` replaced it; load models it added."""
         try:
-            stamp = self._stamp()
+            stamp = _stamp(self.settings.repo)
         except OSError as exc:
             self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
             return
@@ -141,20 +143,17 @@ class PipelineModel:
         return self.pb.Tensor(name, np.ascontiguousarray(value.detach().numpy()))
 
     def _from_pb(self, tensor) -> torch.Tensor:
-        if self.settings.device != "cpu":
+        if self._on_gpu:
             return from_dlpack(tensor.to_dlpack()).to(self.settings.device)
         return torch.from_numpy(tensor.as_numpy())
 
     async def _bls(self, calls: list[NetCall]) -> list[dict[str, torch.Tensor]]:
         pb = self.pb
-        if self.settings.device != "cpu":
+        if self._on_gpu:
             torch.cuda.current_stream().synchronize()  # DLPack consumers do not follow stream order
-        extra = {}
-        if self.settings.device != "cpu":
-            extra["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, torch.device(self.settings.device).index or 0)
         requests = [
             pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs),
-                                inputs=[self._tensor(k, v) for k, v in c.inputs.items()], **extra)
+                                inputs=[self._tensor(k, v) for k, v in c.inputs.items()], **self._bls_extra)
             for c in calls
         ]
         responses = await asyncio.gather(*(r.async_exec() for r in requests))
@@ -166,9 +165,6 @@ class PipelineModel:
         return outs
 
     # -- requests --------------------------------------------------------------------------------
-
-    def _arrays(self, request) -> dict[str, np.ndarray]:
-        return {t.name(): t.as_numpy() for t in request.inputs()}
 
     async def execute(self, requests: list[Any]):
         self._loop = asyncio.get_running_loop()
@@ -228,8 +224,7 @@ def _preview(latents) -> np.ndarray:
     """A cheap RGB preview of latents (first 3 channels, min-max scaled), (B, h, w, 3) uint8."""
     x = latents[:, :3].float()
     lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-    x = (x - lo) / (hi - lo).clamp_min(1e-6)
-    return (x * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8((x - lo) / (hi - lo).clamp_min(1e-6))
 
 
 @dataclass(frozen=True)

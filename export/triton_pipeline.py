@@ -2,14 +2,14 @@
 
 Nothing here imports Triton: the model file hands in ``infer_many``, a callable that runs
 several network calls (concurrently where it can) and returns their outputs, so the same
-code runs inside Triton (BLS) or against any other runner. The loop itself is
-``craft_ops.sampling.sample`` - the exact loop the PyTorch reference runs.
+code runs inside Triton (BLS) or against any other runner. The request loop is
+:func:`.conditioning.run_plan` over ``craft_ops.sampling.sample`` - the exact loop the
+PyTorch reference runs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,21 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from craft_client.schema import REQUEST_INPUTS
-from craft_ops.aggregate import BASE, Variant
-from craft_ops.request import GenerateRequest, Plan, RequestError, group_noise, plan_request
-from craft_ops.sampling import UNetCall, make_scheduler, sample, step_variants
+from craft_client.schema import NUMPY_DTYPES, REQUEST_INPUTS
+from craft_ops.aggregate import BASE
+from craft_ops.request import GenerateRequest, Plan, RequestError, plan_request
+from craft_ops.sampling import UNetCall, step_variants
 
-from .conditioning import build_conditioning, tokenize, to_uint8, unet_inputs
+from .conditioning import build_conditioning, run_plan, tokenize, to_uint8, unet_inputs
 from .manifest import RepoView, read_manifest
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "NetCall",
     "InferMany",
     "Cancelled",
-    "REQUEST_INPUTS",
     "request_from_arrays",
     "PipelineRuntime",
 ]
@@ -58,9 +55,6 @@ class Cancelled(RuntimeError):
     """The client cancelled the request; the loop stops at the next step."""
 
 
-_KINDS = {"TYPE_STRING": "O", "TYPE_INT64": "i", "TYPE_INT32": "i", "TYPE_FP32": "f"}
-
-
 def _text(value) -> str:
     if isinstance(value, bytes):
         try:
@@ -84,9 +78,10 @@ def _scalar(arrays: Mapping[str, np.ndarray], name: str):
             raise RequestError(name, flat.tolist(), "must be BYTES")
         values = [_text(v) for v in flat]
         return values[0] if dims[0] == 1 else values
-    if _KINDS[dtype] == "i" and kind not in "iu":
+    want = np.dtype(NUMPY_DTYPES[dtype][0]).kind
+    if want == "i" and kind not in "iu":
         raise RequestError(name, flat.tolist(), f"must be {dtype[5:]}")
-    if _KINDS[dtype] == "f" and kind not in "f":
+    if want == "f" and kind not in "f":
         raise RequestError(name, flat.tolist(), "must be FP32")
     values = [v.item() for v in flat]
     return values[0] if dims[0] == 1 else tuple(values)
@@ -121,21 +116,6 @@ def request_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[GenerateReque
     return req, preview
 
 
-class _BlsDenoiser:
-    """``denoise(calls)`` for the sampling loop, running UNet variant models via ``infer_many``."""
-
-    def __init__(self, runtime: "PipelineRuntime"):
-        self.runtime = runtime
-
-    def __call__(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
-        net_calls = []
-        for c in calls:
-            inputs = dict(unet_inputs(c.x, c.t, c.cond))
-            inputs["timestep"] = inputs["timestep"].reshape(-1, 1)  # per-item scalar: dims [1] in config.pbtxt
-            net_calls.append(NetCall(self.runtime.model_for(c.variant), inputs, ("noise_pred",)))
-        return [o["noise_pred"] for o in self.runtime.infer_many(net_calls)]
-
-
 class PipelineRuntime:
     """The CRAFT-LoRA pipeline over a model repository's networks."""
 
@@ -154,12 +134,6 @@ class PipelineRuntime:
     @classmethod
     def from_repository(cls, root: Path, infer_many: InferMany, device: str = "cpu") -> "PipelineRuntime":
         return cls(read_manifest(root), infer_many, device)
-
-    def model_for(self, variant: Variant) -> str:
-        model = self.repo.model_for(variant)
-        if model is None:
-            raise RequestError("style" if variant.style else "content", str(variant), "this combination was not exported")
-        return model
 
     def plan(self, request: GenerateRequest) -> Plan:
         plan = plan_request(request, self.repo.catalog, self.repo.defaults, self.repo.limits)
@@ -185,6 +159,18 @@ class PipelineRuntime:
         pooled = outs[-1]["text_embeds"] if self.repo.arch == "sdxl" else None
         return build_conditioning(self.repo.arch, hiddens, pooled, height, width)
 
+    def denoise(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
+        """The sampling loop's denoiser: each call on its variant's UNet model, all in flight at once.
+
+        ``plan`` has checked that every variant the loop asks for has a model.
+        """
+        net_calls = []
+        for c in calls:
+            inputs = dict(unet_inputs(c.x, c.t, c.cond))
+            inputs["timestep"] = inputs["timestep"].reshape(-1, 1)  # per-item scalar: dims [1] in config.pbtxt
+            net_calls.append(NetCall(self.repo.variants[c.variant], inputs, ("noise_pred",)))
+        return [o["noise_pred"] for o in self.infer_many(net_calls)]
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         out = self.infer_many([NetCall(self.repo.networks["vae_decoder"], {"latent": latents}, ("image",))])[0]
         return to_uint8(out["image"])
@@ -199,27 +185,16 @@ class PipelineRuntime:
         """(N, H, W, 3) uint8 images in prompt order, and the plan (notes included)."""
         plan = self.plan(request)
         latent_shape = (self.latent_channels, plan.height // self.latent_scale, plan.width // self.latent_scale)
-        uncond = self.encode([plan.negative_prompt], plan.height, plan.width)
-        total = sum(g.config.steps for g in plan.groups)
-        done = 0
 
-        def callback(step: int, steps: int, latents: torch.Tensor) -> None:
+        def callback(step: int, total: int, latents: torch.Tensor) -> None:
             if cancelled is not None and cancelled():
                 raise Cancelled("request cancelled by the client")
             if progress is not None:
-                progress(done + step, total, latents)
+                progress(step, total, latents)
 
-        images: list[np.ndarray | None] = [None] * plan.num_prompts
-        for group in plan.groups:
-            cond = self.encode(group.texts, plan.height, plan.width)
-            noise, generator = group_noise(group, latent_shape, self.device)
-            scheduler = make_scheduler(plan.scheduler, self.scheduler_config)
-            latents = sample(_BlsDenoiser(self), scheduler, noise, cond, uncond, group.config,
-                             generator=generator, callback=callback)
-            done += group.config.steps
-            for idx, image in zip(group.indices, self.decode(latents)):
-                images[idx] = image
-        return np.stack(images), plan
+        images = run_plan(plan, self.encode, self.denoise, self.decode, latent_shape, self.scheduler_config,
+                          device=self.device, callback=callback)
+        return images, plan
 
 
 _STREAM_OUTPUTS = (("step", "TYPE_INT32", [1]), ("total_steps", "TYPE_INT32", [1]), ("preview", "TYPE_UINT8", [-1, -1, -1, 3]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import hashlib
 import http.client
 import importlib.util
@@ -79,6 +80,7 @@ class TritonServerError(RuntimeError):
 # --------------------------------------------------------------------------- discovery
 
 
+@functools.cache
 def _pytriton_dist() -> Path | None:
     """``site-packages/pytriton/tritonserver`` of the installed wheel, without importing it."""
     spec = importlib.util.find_spec("pytriton")
