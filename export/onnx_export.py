@@ -357,6 +357,18 @@ def consolidate_external_data(model, src_dir: Path, dst_model: Path,
     return data_bytes
 
 
+def publish_onnx(final: Path, path: Path) -> Path:
+    """Move ``final`` (+ ``final.data``) to ``path``: the old graph goes first so it never points
+    at new weights, then the data, then the graph. Returns the data file's path."""
+    data_target = path.with_name(path.name + ".data")
+    if path.exists():
+        path.unlink()
+    os.replace(final.with_name(final.name + ".data"), data_target)
+    os.replace(final, path)
+    _fsync_dir(path.parent)
+    return data_target
+
+
 def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[str, torch.Tensor],
                 path: Path, *, opset: int | None = None, exporter: str = "torchscript") -> ExportResult:
     """Export ``module`` (a :mod:`craft_export.networks` wrapper) to ``path`` (``.../model.onnx``).
@@ -397,13 +409,7 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         n_nodes = len(model.graph.node)
         del model
 
-        data_target = path.with_name(path.name + ".data")
-        # publish: drop the old graph first so it never points at new weights, then data, then graph
-        if path.exists():
-            path.unlink()
-        os.replace(final.with_name(final.name + ".data"), data_target)
-        os.replace(final, path)
-        _fsync_dir(path.parent)
+        data_target = publish_onnx(final, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(path, data_target, exporter, opset, time.perf_counter() - t0,

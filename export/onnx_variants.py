@@ -8,7 +8,6 @@ still runs the parity check on the result against the baked PyTorch module.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -24,15 +23,19 @@ class VariantExportError(RuntimeError):
     """The base graph does not hold a weight under the expected initializer name."""
 
 
-def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path, *, size_threshold: int = 1024) -> int:
+def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path) -> None:
     """Write ``path`` (+ ``path.data``): the graph of ``base`` with ``overrides`` (initializer name -> tensor).
 
-    Returns the number of replaced initializers. Written in a temp folder and renamed.
+    The base's weights are copied one tensor at a time (never all in memory); written in a
+    temp folder and moved into place.
     """
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(base), load_external_data=True)
+    from .onnx_export import consolidate_external_data, publish_onnx
+
+    base = Path(base)
+    model = onnx.load(str(base), load_external_data=False)
     by_name = {init.name: init for init in model.graph.initializer}
     missing = sorted(set(overrides) - set(by_name))
     if missing:
@@ -46,11 +49,7 @@ def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tmp = staging / path.name
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{path.name}.data", size_threshold=size_threshold)
-        os.replace(staging / f"{path.name}.data", path.with_name(f"{path.name}.data"))
-        os.replace(tmp, path)
+        consolidate_external_data(model, base.parent, staging / path.name)
+        publish_onnx(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return len(overrides)
