@@ -76,9 +76,10 @@ import numpy as np
 from craft_export.architectures import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG
 from craft_export.architectures import VAE_SCALING as SCALING
 
+from _common import RESULTS  # benchmarks/ is on sys.path when this runs as a script
+
 log = logging.getLogger("gpu_bench")
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCHEMA = 1
 ARCHES = ("sd15", "sdxl")
 SECTIONS = ("unet", "e2e", "diffusers")
@@ -530,10 +531,12 @@ def bench_unet(parts: Parts, state: dict, args) -> dict:
             got = session.run_torch(fp32)["noise_pred"]
             row["trt_fp16_eager"] = {**t, **rate(t["median_ms"], batch), "rel_l2_vs_torch_fp16": rel_l2(got, ref)}
             say(f"{arch} UNet b{batch}: TensorRT eager {t['median_ms']:.2f} ms (rel L2 vs PyTorch {rel_l2(got, ref):.2e})")
+            # graphs captured so far: batch 1's stays captured while batch 2 runs, so count the new one
+            graphs_before = sum(b.graph is not None for b in session._bindings.values())
             session.cuda_graphs = True
             t = time_device(lambda: session.run_torch(fp32, copy=False), warmup=warmup + 2, reps=reps, device=device)
             got_graph = session.run_torch(fp32)["noise_pred"]
-            captured = any(b.graph is not None for b in session._bindings.values())
+            captured = sum(b.graph is not None for b in session._bindings.values()) > graphs_before
             row["trt_fp16_cuda_graph"] = {**t, **rate(t["median_ms"], batch), "captured": captured,
                                           "max_abs_diff_vs_eager": float((got_graph - got).abs().max())}
             say(f"{arch} UNet b{batch}: TensorRT CUDA graph {t['median_ms']:.2f} ms (captured: {captured})")

@@ -80,7 +80,6 @@ class ExportReport:
     reused: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    parity: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -168,7 +167,8 @@ def plan_jobs(loaded: Loaded, pipe: ReferencePipeline, build: Mapping[str, objec
         jobs.append(ModelJob(name, name, key))
     w_init = _weights_key(unet_dir)
     lora_keys = {n: f["sha256"] for n, f in loaded.lora_files.items()}
-    routed = {n: sorted(pipe.routed(n)) for n in loaded.loras}
+    # the names routed_deltas would key (Eq. 7), without computing the fp32 deltas themselves
+    routed = {n: sorted(pipe.routing.select(l.kind, l.adapter.modules)) for n, l in loaded.loras.items()}
     variants = plan_variants({n: l.kind for n, l in loaded.loras.items()},
                              {n: l.gammas for n, l in loaded.loras.items()}, loaded.pairs)
     by_key: dict[str, list[Variant]] = {}
@@ -185,7 +185,7 @@ def plan_jobs(loaded: Loaded, pipe: ReferencePipeline, build: Mapping[str, objec
 def _network_module(pipe: ReferencePipeline, job: ModelJob) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The nn.Module to export for a job and its parameter overrides (baked variant weights)."""
     if job.network == "unet":
-        return pipe.unet, pipe.params_for(job.variants[0])
+        return pipe.unet, pipe.params_for(job.variants[0], cache=False)  # baked once: not kept
     if job.network == "vae_decoder":
         return pipe.vae, {}
     return pipe.text_encoders[0 if job.network == "text_encoder" else 1], {}
@@ -224,11 +224,13 @@ def _parity_inputs(spec, engine: EngineRange) -> list[dict[str, torch.Tensor]]:
 
 
 def build_model(job: ModelJob, pipe: ReferencePipeline, loaded: Loaded, options: ExportOptions, runner: str,
-                staging: Path, specs, base_onnx: Path | None = None) -> dict:
+                staging: Path, specs, base_onnx: Path | None = None, base_engine: Path | None = None) -> dict:
     """Export one model into ``staging/<name>``, check it against PyTorch, return its manifest record.
 
     A UNet variant is derived from the W_init graph ``base_onnx`` by replacing the weights
-    it changes (see :mod:`.onnx_variants`); everything else is traced and exported.
+    it changes (see :mod:`.onnx_variants`); everything else is traced and exported. With
+    ``--runtime tensorrt`` a UNet variant's engine is the W_init engine ``base_engine``
+    (a ``model.plan``) refitted, when there is one.
     """
     from .onnx_export import example_inputs, export_onnx, run_parity
     from .onnx_variants import derive_variant
@@ -263,7 +265,11 @@ def build_model(job: ModelJob, pipe: ReferencePipeline, loaded: Loaded, options:
 
         e = loaded.engine
         image_range = ImageRange((e.min_size,) * 2, (e.opt_size,) * 2, (e.max_size,) * 2)
-        record.update(build_engine(job, onnx_path, spec, options, target / "1", image_range=image_range))
+        refit_from = None
+        if job.network == "unet" and not job.variants[0].is_base and base_engine is not None:
+            refit_from = base_engine.read_bytes()
+        record.update(build_engine(job, onnx_path, spec, options, target / "1", image_range=image_range,
+                                   base_engine=refit_from))
     _write_model_config(job, spec, target, runner, options, loaded)
     return record
 
@@ -358,7 +364,8 @@ def _manifest(loaded: Loaded, pipe: ReferencePipeline, jobs: list[ModelJob], rec
         loras.append({
             "name": name, "kind": lora.kind, "gammas": list(lora.gammas), **loaded.lora_files[name],
             "coverage": {"modules": len(modules), "content": len(pipe.routing.select("content", modules)),
-                         "style": len(pipe.routing.select("style", modules)), "routed": len(pipe.routed(name))},
+                         "style": len(pipe.routing.select("style", modules)),
+                         "routed": len(pipe.routing.select(lora.kind, modules))},
         })
     variants = [{"content": v.content, "gamma_c": v.gamma_c, "style": v.style, "gamma_s": v.gamma_s, "model": j.name}
                 for j in jobs for v in j.variants]
@@ -380,6 +387,16 @@ def _manifest(loaded: Loaded, pipe: ReferencePipeline, jobs: list[ModelJob], rec
         "engine": {"min_size": engine.min_size, "opt_size": engine.opt_size, "max_size": engine.max_size,
                    "max_batch": engine.max_batch, "multiple": 8},
     }
+
+
+def _engine_path(model_dir: Path, options: ExportOptions) -> Path | None:
+    """A model folder's TensorRT engine, when exporting for TensorRT and the engine is there."""
+    if options.runtime != "tensorrt":
+        return None
+    from .tensorrt_build import ENGINE_FILE
+
+    path = model_dir / "1" / ENGINE_FILE
+    return path if path.is_file() else None
 
 
 def export_repository(options: ExportOptions, progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
@@ -406,22 +423,27 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     records, fresh = {}, []
+    # the W_init UNet, built now or reused: variants are derived (ONNX) and refitted (TensorRT) from it
     base_onnx: Path | None = None
+    base_engine: Path | None = None
     try:
         for i, job in enumerate(jobs, 1):
             prev = old_models.get(job.name)
+            is_base_unet = job.network == "unet" and job.variants[0].is_base
             if prev and prev.get("key") == job.key and (out / job.name / "config.pbtxt").is_file():
                 records[job.name] = prev
                 report.reused.append(job.name)
-                if job.network == "unet" and job.variants[0].is_base:
+                if is_base_unet:
                     base_onnx = out / job.name / "1" / "model.onnx"
+                    base_engine = _engine_path(out / job.name, options)
                 continue
             progress(f"[{i}/{len(jobs)}] baking + exporting {job.name}")
             t0 = time.perf_counter()
-            records[job.name] = build_model(job, pipe, loaded, options, runner, staging, specs, base_onnx)
+            records[job.name] = build_model(job, pipe, loaded, options, runner, staging, specs, base_onnx, base_engine)
             fresh.append(job.name)
-            if job.network == "unet" and job.variants[0].is_base:
+            if is_base_unet:
                 base_onnx = staging / job.name / "1" / "model.onnx"
+                base_engine = _engine_path(staging / job.name, options)
             report.timings[job.name] = round(time.perf_counter() - t0, 3)
         # every model built and checked: only now does REPO change
         out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +459,6 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
     for name in sorted(set(old_models) - keep):
         shutil.rmtree(out / name, ignore_errors=True)
         report.removed.append(name)
-    report.parity = {n: r.get("parity_max_abs_err", {}) for n, r in records.items()}
     report.seconds = time.perf_counter() - t_start
     return report
 

@@ -106,13 +106,17 @@ class ReferencePipeline:
             self._deltas[name] = routed_deltas(lora.adapter, lora.kind, self.routing, self.shapes)
         return self._deltas[name]
 
-    def params_for(self, variant: Variant) -> dict[str, torch.Tensor]:
-        """``functional_call`` overrides (``unet.<module>.weight``) for a variant, cached."""
-        if variant not in self._params:
-            deltas = {n: self.routed(n) for n in (variant.content, variant.style) if n}
-            weights = variant_weights(self.W_init, variant, deltas)
-            self._params[variant] = {f"unet.{m}.weight": w for m, w in weights.items()}
-        return self._params[variant]
+    def params_for(self, variant: Variant, *, cache: bool = True) -> dict[str, torch.Tensor]:
+        """``functional_call`` overrides (``unet.<module>.weight``) for a variant; cached unless
+        ``cache=False`` (the exporter bakes each variant once)."""
+        if variant in self._params:
+            return self._params[variant]
+        deltas = {n: self.routed(n) for n in (variant.content, variant.style) if n}
+        weights = variant_weights(self.W_init, variant, deltas)
+        params = {f"unet.{m}.weight": w for m, w in weights.items()}
+        if cache:
+            self._params[variant] = params
+        return params
 
     # -- networks --------------------------------------------------------------------------
 

@@ -34,9 +34,10 @@ class TensorRTError(ValueError):
 def check_tensorrt_available() -> None:
     """Raise (before any file is written) unless tensorrt imports and a CUDA GPU is visible."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError as exc:
         raise TensorRTError("--runtime tensorrt needs the tensorrt package: pip install 'craft-lora-serve[gpu]'") from exc
+    log.debug("tensorrt %s", tensorrt.__version__)
     import torch
 
     if not torch.cuda.is_available():
@@ -55,9 +56,11 @@ class EngineBuild:
     def __init__(self, precision: str):
         import tensorrt as trt
 
+        from .trt_runner import _trt_logger
+
         self.trt = trt
         self.precision = precision
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = _trt_logger(trt)  # the process-wide logger TrtSession uses too
         self.cache_path = _cache_dir() / f"trt-timing-{trt.__version__}.cache"
 
     def _config(self, builder, refittable: bool):
@@ -95,24 +98,39 @@ class EngineBuild:
         return bytes(engine)
 
     def refit(self, base_engine: bytes, onnx_path: Path) -> bytes:
-        """The base engine with every refittable weight taken from ``onnx_path`` (same graph)."""
+        """The base engine with every refittable weight taken from ``onnx_path`` (same graph).
+
+        Refittable weights named after ONNX initializers are all set from ``onnx_path``. TensorRT
+        also lists weights of ``Constant`` nodes (named by their output) and ones the ONNX parser
+        makes itself (``tmp_refittable_weight_*``, e.g. ConstantOfShape values): a variant graph is
+        the base graph with initializers replaced (:mod:`.onnx_variants`), so those keep the base's
+        values. Any other name means the engine was not built from this graph: an error.
+        """
         import onnx
         from onnx import numpy_helper
 
         trt = self.trt
         runtime = trt.Runtime(self.logger)
         engine = runtime.deserialize_cuda_engine(base_engine)
+        if engine is None:
+            raise TensorRTError(f"{onnx_path}: cannot deserialize the base engine (see the TensorRT log above)")
         refitter = trt.Refitter(engine, self.logger)
         model = onnx.load(str(onnx_path), load_external_data=True)
         arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
         refittable = set(refitter.get_all_weights())
         keep = []  # the arrays must outlive refit_cuda_engine
-        for name in refittable:
+        for name in sorted(refittable):
             if name not in arrays:
-                continue
+                if name in constants or name.startswith("tmp_refittable_weight"):
+                    continue  # same in every variant graph: the base engine's value stays
+                raise TensorRTError(f"{onnx_path}: refittable weight {name!r} of the base engine has no ONNX "
+                                    f"initializer of that name (engine not built from this graph?)")
             array = np.ascontiguousarray(arrays[name])
             keep.append(array)
-            refitter.set_named_weights(name, trt.Weights(array))
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise TensorRTError(f"{onnx_path}: TensorRT rejected weight {name!r} (shape {list(array.shape)}, "
+                                    f"dtype {array.dtype}); see the TensorRT log above")
         missing = refitter.get_missing_weights()
         if missing:
             raise TensorRTError(f"{onnx_path}: refit is missing weights {list(missing)[:3]}")
@@ -122,54 +140,42 @@ class EngineBuild:
 
 
 def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int, int]) -> float:
-    """Max |TensorRT - ONNX Runtime| over the spec's outputs on seeded inputs (torch CUDA buffers)."""
+    """Max |TensorRT - ONNX Runtime| over the spec's outputs on seeded inputs (batch 2, or the spec's max)."""
     import onnxruntime as ort
-    import tensorrt as trt
-    import torch
 
     from .onnx_export import example_inputs
+    from .trt_runner import TrtSession
 
-    inputs = example_inputs(spec, hw=hw, batch=2, seed=5)
+    inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=hw, batch=min(2, spec.max_batch), seed=5).items()}
+    names = [t.name for t in spec.outputs]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ref = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_bytes)
-    context = engine.create_execution_context()
-    stream = torch.cuda.Stream()
-    device_inputs = {k: v.cuda().contiguous() for k, v in inputs.items()}
-    for name, tensor in device_inputs.items():
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    outputs = {}
-    for t in spec.outputs:
-        shape = tuple(context.get_tensor_shape(t.name))
-        outputs[t.name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-        context.set_tensor_address(t.name, outputs[t.name].data_ptr())
-    context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return max(float(np.abs(outputs[t.name].float().cpu().numpy() - r).max()) for t, r in zip(spec.outputs, ref))
-
-
-_BASE_ENGINES: dict[str, bytes] = {}
+    ref = dict(zip(names, sess.run(names, inputs)))
+    session = TrtSession(engine_bytes)
+    try:
+        got = session(inputs)
+    finally:
+        session.close()
+    return max(float(np.abs(got[n].astype(np.float32) - ref[n]).max()) for n in names)
 
 
 def build_engine(job, onnx_path: Path, spec, options, out_dir: Path, *, image_range=None,
                  base_engine: bytes | None = None) -> dict:
-    """Write ``out_dir/model.plan`` for a job; returns the manifest fields (build/refit seconds, error)."""
+    """Write ``out_dir/model.plan`` for a job; returns the manifest fields (build/refit seconds, error).
+
+    ``base_engine``: the serialized W_init UNet engine (built refittable); a UNet variant given
+    one is that engine refitted with its own weights, anything else is a full build.
+    """
     from .specs import ImageRange
 
     builder = EngineBuild(options.precision)
     image_range = image_range or ImageRange.default(spec.arch)
     t0 = time.perf_counter()
     is_variant = job.network == "unet" and not job.variants[0].is_base
-    base = base_engine if base_engine is not None else _BASE_ENGINES.get(options.out.as_posix())
-    if is_variant and base is not None:
-        engine, how = builder.refit(base, onnx_path), "refit"
+    if is_variant and base_engine is not None:
+        engine, how = builder.refit(base_engine, onnx_path), "refit"
     else:
         engine = builder.build(onnx_path, spec.profile(image_range), refittable=job.network == "unet")
         how = "build"
-        if job.network == "unet":
-            _BASE_ENGINES[options.out.as_posix()] = engine
     seconds = time.perf_counter() - t0
     (out_dir / ENGINE_FILE).write_bytes(engine)
     err = _compare_with_onnx(engine, onnx_path, spec, image_range.min_hw)

@@ -54,11 +54,11 @@ from typing import Any
 
 import numpy as np
 
+from .runners import _squeeze_to
+
 log = logging.getLogger(__name__)
 
-__all__ = ["TrtRunnerError", "TrtSession", "TrtDenoiser", "run_concurrent", "run_batched_torch", "ENGINE_FILE"]
-
-ENGINE_FILE = "model.plan"
+__all__ = ["TrtRunnerError", "TrtSession", "TrtDenoiser", "run_concurrent", "run_batched_torch"]
 
 
 class TrtRunnerError(RuntimeError):
@@ -90,13 +90,6 @@ def _torch_dtype(trt, dtype):
         return table[dtype]
     except KeyError:
         raise TrtRunnerError(f"TensorRT dtype {dtype} has no torch equivalent here") from None
-
-
-def _squeeze_torch(tensor, rank: int):
-    """Triton's per-item scalars arrive as (B, 1) where the graph takes (B,) (cf. runners._squeeze_to)."""
-    while tensor.dim() > rank and tensor.shape[-1] == 1:
-        tensor = tensor.reshape(tensor.shape[:-1])
-    return tensor
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -324,7 +317,7 @@ class TrtSession:
             else:  # Triton hands read-only arrays; torch wants writable memory to wrap
                 array = np.ascontiguousarray(value)
                 tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            tensor = _squeeze_torch(tensor, self.input_ranks[name])
+            tensor = _squeeze_to(tensor, self.input_ranks[name])  # Triton's (B, 1) scalars -> (B,)
             if tensor.dim() != self.input_ranks[name]:
                 raise TrtRunnerError(f"input {name!r}: rank {tensor.dim()} != engine rank {self.input_ranks[name]}")
             feeds[name] = tensor.to(device=self.device, dtype=self.dtypes[name]).contiguous()
@@ -404,9 +397,6 @@ class TrtSession:
         with self._lock:  # the cached buffers are ours until copied to the host
             outputs = self._collect(self._enqueue(inputs), copy=False)
             return {name: _numpy(outputs[name]) for name in self.output_names}
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
 
     def close(self) -> None:
         """Release graphs, contexts and the engine (after everything in flight has finished)."""

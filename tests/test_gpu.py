@@ -341,8 +341,9 @@ def test_images_with_tensorrt_match_fp32_reference(trt_repos, ref_pipes, arch, c
     assert got.shape == want.shape
     assert _psnr(got, want) >= 30.0, f"TrtDenoiser: PSNR {_psnr(got, want):.1f} dB"
 
-    def infer_many(calls):
-        return [session(c.model)(dict(c.inputs)) for c in calls]
+    def infer_many(calls):  # PipelineRuntime wants torch tensors back; TrtSession.__call__ answers numpy
+        outs = [session(c.model)(dict(c.inputs)) for c in calls]
+        return [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()} for out in outs]
 
     runtime = PipelineRuntime.from_repository(repo, infer_many)
     served, _ = runtime.generate(request)
