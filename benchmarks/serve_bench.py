@@ -55,6 +55,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from _common import RESULTS, cpu_model, git_state, load_average, machine_slug  # noqa: E402
 
+from craft_export.architectures import UNET_CONFIGS  # noqa: E402
+
 PROMPT = "a dog <c> in watercolor style <s>"
 CONTENT, STYLE = "dog", "watercolor"
 CONCURRENCY = (1, 4, 16)
@@ -64,13 +66,8 @@ TARGET_FORWARD_MS = 50.0
 
 # SD 1.5 layout (REFERENCE-ARCHITECTURES.md) at reduced width; cross_attention_dim matches the tiny
 # text encoder (hidden 32). Measured ~58 ms per PyTorch forward at 16x16 latent on an idle 2-core EPYC.
-LARGER_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(96, 192, 384, 384),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-)
+LARGER_UNET = {**UNET_CONFIGS["sd15"], "sample_size": 16, "block_out_channels": (96, 192, 384, 384),
+               "cross_attention_dim": 32}
 PRESETS = {
     "tiny": {"size": 64, "steps": 8, "unet": None},
     "larger": {"size": 128, "steps": 8, "unet": LARGER_UNET},
@@ -184,14 +181,11 @@ class OrtLocal:
 
         for c in calls:  # sequential, like the PyTorch reference
             session = self.session(c.model)
-            # NetCall inputs are torch tensors (newer PipelineRuntime) or numpy arrays (older): answer in kind
-            as_torch = any(isinstance(v, torch.Tensor) for v in c.inputs.values())
-            feeds = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in c.inputs.items()}
+            feeds = {k: v.detach().cpu().numpy() for k, v in c.inputs.items()}  # NetCall inputs are torch tensors
             t0 = time.perf_counter()
             result = session(feeds)
             dt = time.perf_counter() - t0
-            if as_torch:
-                result = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result.items()}
+            result = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in result.items()}
             if c.model in self.unet_models:
                 self.unet_seconds += dt
                 self.unet_calls += 1
@@ -555,7 +549,8 @@ def run_preset(name: str, work: Path, repeats: int, rounds: int, quick: bool, qu
 
     ref = ReferencePipeline.from_recipe(load_recipe(recipe))
     local = OrtLocal(repo)
-    base_model = read_manifest(repo).model_for(BASE)
+    view = read_manifest(repo)  # the experiments below rewrite config.pbtxt files only, never the manifest
+    base_model = view.model_for(BASE)
     result["unet_forward"] = unet_forward_ms(ref, repo / base_model / "1" / "model.onnx", preset["size"],
                                              repeats=5 if quick else 10)
     result["unet_forward"]["target_ms"] = TARGET_FORWARD_MS
@@ -565,7 +560,7 @@ def run_preset(name: str, work: Path, repeats: int, rounds: int, quick: bool, qu
           f"ONNX Runtime {fwd['ort_best_ms']} / {fwd['ort_ms']} ms", flush=True)
 
     if queue_delay_us is not None:
-        set_unet_queue_delay(repo, set(read_manifest(repo).variants.values()), queue_delay_us)
+        set_unet_queue_delay(repo, set(view.variants.values()), queue_delay_us)
         result["experiment_unet_max_queue_delay_us"] = queue_delay_us
     if pipeline_instances is not None:
         set_pipeline_instances(repo, pipeline_instances)
@@ -576,7 +571,6 @@ def run_preset(name: str, work: Path, repeats: int, rounds: int, quick: bool, qu
     try:
         result["server_ready_seconds"] = round(server.wait_ready(), 2)
         print(f"  [{name}] tritonserver ready after {result['server_ready_seconds']:.1f} s", flush=True)
-        view = read_manifest(repo)
         # warm every craft_pipeline instance (each is its own stub process with lazy imports and
         # first-call costs): concurrent requests, twice the instance count
         instances = int(re.search(r"count:\s*(\d+)", (repo / "craft_pipeline" / "config.pbtxt").read_text())[1])

@@ -9,7 +9,8 @@ Cases:
 
 steps/s counts optimiser steps of the timed loop (after warm-up on GPU). Peak memory: CPU
 ``ru_maxrss`` of the case's process (interpreter + torch included); GPU
-``torch.cuda.max_memory_allocated``. Writes ``benchmarks/results/train-<machine>-<date>.json``.
+``torch.cuda.max_memory_allocated``. Writes ``benchmarks/results/train-<machine>-<YYYY-MM-DD>.json``
+(machine: ``gpu-<name>`` with a CUDA GPU, else the CPU slug of ``_common.machine_slug``).
 
     .venv/bin/python benchmarks/train_bench.py [--steps 10] [--gpu-steps 10] [--threads N]
 """
@@ -24,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import re
 import resource
 import sys
 import tempfile
@@ -34,25 +34,16 @@ import torch
 
 from craft_export.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
 
+from _common import RESULTS, _slug, cpu_model, git_state, load_average, machine_slug  # benchmarks/ is on sys.path
+
 log = logging.getLogger("train_bench")
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-# Full-size SDXL (public config, random weights) for the GPU cases.
-SDXL_UNET = UNET_CONFIGS["sdxl"]
 
 
 def machine_name() -> str:
-    """GPU name, else the CPU model, else the host name, as a file-name slug."""
+    """``gpu-<GPU name>`` with a CUDA GPU, else the CPU slug of the other benchmarks."""
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = platform.processor() or platform.node()
-        cpuinfo = Path("/proc/cpuinfo")
-        if cpuinfo.is_file():
-            m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-            name = m[1] if m else name
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") or "unknown"
+        return f"gpu-{_slug(torch.cuda.get_device_name(0))}"
+    return machine_slug()
 
 
 def _write_images(folder: Path, n: int, striped: bool) -> Path:
@@ -119,9 +110,8 @@ def tiny_cases(steps: int, threads: int | None) -> list[dict]:
 # -- full-size SDXL on a GPU ----------------------------------------------------------------------------
 
 
-def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype, device: torch.device = torch.device("cuda"),
-                  unet_config: dict = SDXL_UNET):
-    """A trainer over a random-weight SDXL-architecture UNet with random latents and conditioning."""
+def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype):
+    """A trainer over a random-weight full-size SDXL UNet (public config) with random latents and conditioning."""
     from diffusers import UNet2DConditionModel
 
     from craft_export.networks import UNetNet
@@ -130,6 +120,7 @@ def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype, device: tor
     from craft_export.train_lora import LoraSet, LoraTrainConfig, LoraTrainer, lora_targets
     from craft_ops.routing import PRESETS
 
+    device, unet_config = torch.device("cuda"), UNET_CONFIGS["sdxl"]
     with device:
         unet = UNet2DConditionModel(**unet_config)
     unet = unet.to(dtype).requires_grad_(False).eval()
@@ -148,11 +139,12 @@ def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype, device: tor
     if command == "train-backbone":
         config = BackboneConfig(base=dummy, content_images=dummy, style_images=dummy, out=dummy, r_max=128,
                                 r_min=4, resolution=resolution, mixed_precision=precision)
-        bases = RankFTBases(layer_specs(unet, 128, 4), g).to(device)
+        bases = RankFTBases(layer_specs(unet, config.r_max, config.r_min, config.targets), g).to(device)
         return RankFTTrainer(net, bases, RankFTData(latents, latents, cond), schedule, config, dtype, g)
     config = LoraTrainConfig(base=dummy, images=dummy, kind="content", prompt="a sks dog <c>",
                              out=dummy / "x.safetensors", rank=64, resolution=resolution, mixed_precision=precision)
-    lora = LoraSet(unet, lora_targets(unet, PRESETS["sdxl"], "content"), 64, 64.0, g).attach()
+    names = lora_targets(unet, PRESETS["sdxl"], config.kind)
+    lora = LoraSet(unet, names, config.rank, config.lora_alpha, g).attach()
     return LoraTrainer(net, lora, latents, cond, schedule, config, dtype, g)
 
 
@@ -195,15 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import diffusers
 
-    report = {"machine": machine_name(), "date": datetime.date.today().isoformat(), "platform": platform.platform(),
-              "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "cpu_count": os.cpu_count(), "tiny": tiny_cases(args.steps, args.threads)}
+    report = {"benchmark": "train", "machine": machine_name(), "date": datetime.date.today().isoformat(),
+              "cpu_model": cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],
+              "torch": torch.__version__, "diffusers": diffusers.__version__, "cpu_count": os.cpu_count(),
+              "git": git_state(), "load_average_start": load_average()}
+    report["tiny"] = tiny_cases(args.steps, args.threads)
     if torch.cuda.is_available():
         report["sdxl_full"] = [gpu_case(c, r, args.gpu_steps) for c in ("train-backbone", "train-lora") for r in (512, 1024)]
     else:
         report["sdxl_full"] = "skipped: no CUDA GPU (full-size SDXL cases need one)"
         print("full-size SDXL cases skipped: no CUDA GPU", file=sys.stderr)
-    out = args.out or RESULTS / f"train-{report['machine']}-{report['date'].replace('-', '')}.json"
+    report["load_average_end"] = load_average()
+    out = args.out or RESULTS / f"train-{report['machine']}-{report['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -13,20 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .architectures import SCHEDULER_CONFIG, VAE_SCALING
+
 __all__ = ["TINY_CONFIGS", "build_tiny_pipeline", "write_clip_tokenizer"]
 
-_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "interpolation_type": "linear",
-    "use_karras_sigmas": False,
-}
+# The full-size models' scheduler (key order fixes the bytes of scheduler_config.json).
+_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}
 
 # UNet kwargs mirror REFERENCE-ARCHITECTURES.md with widths divided down.
 TINY_CONFIGS: dict[str, dict] = {
@@ -41,7 +33,7 @@ TINY_CONFIGS: dict[str, dict] = {
         ),
         "text_encoders": [dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, projection_dim=32, with_projection=False)],
-        "scaling_factor": 0.18215,
+        "scaling_factor": VAE_SCALING["sd15"],
     },
     "sdxl": {
         "pipeline": "StableDiffusionXLPipeline",
@@ -61,7 +53,7 @@ TINY_CONFIGS: dict[str, dict] = {
             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  projection_dim=32, with_projection=True, hidden_act="gelu"),
         ],
-        "scaling_factor": 0.13025,
+        "scaling_factor": VAE_SCALING["sdxl"],
     },
 }
 

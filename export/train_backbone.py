@@ -61,6 +61,7 @@ from torch import nn
 
 from craft_ops.rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
 
+from .loading import unet_weights
 from .train import (
     ATTENTION_SUFFIXES,
     NoiseSchedule,
@@ -246,14 +247,21 @@ class RankFTBases(nn.Module):
         """Orthonormal ``Q_l`` (d_in, r_l) of every layer for ``content`` / ``style``."""
         return [orthonormal_basis(B) for B in self._bases(kind)]
 
-    def projected(self, kind: str, W0: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``functional_call`` overrides ``unet.<m>.weight = W0 - W0 Q Q^T`` (Eq. 1)."""
-        return {f"unet.{s.name}.weight": projection_residual(W0[s.name], Q) for s, Q in zip(self.layers, self.Q(kind))}
+    def projected(self, kind: str, W0: Mapping[str, torch.Tensor],
+                  Q: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``functional_call`` overrides ``unet.<m>.weight = W0 - W0 Q Q^T`` (Eq. 1).
 
-    def overlap(self) -> torch.Tensor:
-        """``L_orth = mean_l ||Q_c^T Q_s||_F^2 / min(r_c, r_s)`` in [0, 1]."""
-        terms = [(Qc.T @ Qs).pow(2).sum() / min(Qc.shape[1], Qs.shape[1])
-                 for Qc, Qs in zip(self.Q("content"), self.Q("style"))]
+        ``Q``: the bases of ``kind`` when the caller already has them (else computed here).
+        """
+        Q = self.Q(kind) if Q is None else Q
+        return {f"unet.{s.name}.weight": projection_residual(W0[s.name], q) for s, q in zip(self.layers, Q)}
+
+    def overlap(self, Q_c: Sequence[torch.Tensor] | None = None,
+                Q_s: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """``L_orth = mean_l ||Q_c^T Q_s||_F^2 / min(r_c, r_s)`` in [0, 1] (bases computed if not given)."""
+        Q_c = self.Q("content") if Q_c is None else Q_c
+        Q_s = self.Q("style") if Q_s is None else Q_s
+        terms = [(Qc.T @ Qs).pow(2).sum() / min(Qc.shape[1], Qs.shape[1]) for Qc, Qs in zip(Q_c, Q_s)]
         return torch.stack(terms).mean()
 
     @torch.no_grad()
@@ -314,7 +322,8 @@ class RankFTTrainer:
         self.net, self.bases, self.data, self.schedule = net, bases, data, schedule
         self.config, self.dtype, self.generator = config, dtype, generator
         self.device = data.content.device
-        self.W0 = {s.name: dict(net.unet.named_modules())[s.name].weight.detach() for s in bases.layers}
+        weights = unet_weights(net.unet)
+        self.W0 = {s.name: weights[s.name] for s in bases.layers}
         self.optimizer = torch.optim.AdamW(bases.parameters(), lr=config.lr, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
@@ -329,16 +338,23 @@ class RankFTTrainer:
         return ci, sj, t.to(self.device), eps.to(self.device)
 
     def step(self, step: int) -> dict[str, float]:
-        """One optimiser step; backward per term so only one UNet graph is alive at a time."""
+        """One optimiser step; backward per term so only one UNet graph is alive at a time.
+
+        The bases ``Q = QR(B)`` are computed once per step and shared by both UNet passes and
+        ``L_orth``; their (small) graph is kept across the backward passes, each UNet graph is
+        freed with its loss.
+        """
         ci, sj, t, eps = self._batch(step)
         self.optimizer.zero_grad(set_to_none=True)
+        Q = {kind: self.bases.Q(kind) for kind in ("content", "style")}
         losses = {}
         for kind, x0 in (("content", self.data.content[ci]), ("style", self.data.style[sj])):
-            loss = denoising_loss(self.net, self.bases.projected(kind, self.W0), x0, eps, t,
+            loss = denoising_loss(self.net, self.bases.projected(kind, self.W0, Q[kind]), x0, eps, t,
                                   self.data.cond, self.schedule, self.dtype)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward(retain_graph=True)
             losses[f"loss_{kind}"] = loss.item()
-        orth = self.bases.overlap()
+            del loss
+        orth = self.bases.overlap(Q["content"], Q["style"])
         if self.config.lambda_orth > 0:
             self.scaler.scale(self.config.lambda_orth * orth).backward()
         self.scaler.step(self.optimizer)
