@@ -12,7 +12,7 @@ from craft_ops.gates import GateError, Window, gate_schedule, parse_prompt, step
 from craft_ops.guidance import acfg, cfg
 from craft_ops.rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
 from craft_ops.routing import PRESETS, Routing, RoutingError, resolve_routing
-from craft_ops.sampling import SamplingConfig, UNetCall, make_scheduler, sample, step_variants
+from craft_ops.sampling import SamplingConfig, make_scheduler, sample, step_variants
 
 # -- routing (Eq. 7) and aggregation (Eq. 8) ----------------------------------------------------
 
