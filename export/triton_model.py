@@ -90,6 +90,9 @@ class PipelineModel:
         view = read_manifest(repo)
         self.settings = PipelineSettings.from_args(args, repo, view.raw.get("runtime"))
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
+        # manifest re-reads and model loads run here, one at a time, never on the event loop
+        # (in-flight requests' BLS calls keep flowing while a new variant loads)
+        self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="craft-reload")
         self.log = pb_utils.Logger
         self._runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,8 +104,24 @@ class PipelineModel:
 
     # -- manifest (re)loading: a re-export is picked up on the next request ------------------
 
+    def _manifest_changed(self) -> bool:
+        try:
+            return _stamp(self.settings.repo) != self._manifest_stamp
+        except OSError as exc:
+            self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
+            return False
+
+    async def _refresh_if_changed(self) -> None:
+        """A cheap stat on the loop; the re-read and model loads (seconds) on the reload thread."""
+        if self._manifest_changed():
+            await self._loop.run_in_executor(self._reloader, self._refresh)
+
     def _refresh(self) -> None:
-        """Re-read the manifest when ``craft export`` replaced it; load models it added."""
+        """Re-read the manifest when ``craft export`` replaced it; load models it added.
+
+        Runs on the single reload thread, so concurrent requests that all saw the change reload once:
+        the later ones find the new stamp already in place.
+        """
         try:
             stamp = _stamp(self.settings.repo)
         except OSError as exc:
@@ -168,7 +187,7 @@ class PipelineModel:
 
     async def execute(self, requests: list[Any]):
         self._loop = asyncio.get_running_loop()
-        self._refresh()
+        await self._refresh_if_changed()
         if self.settings.streaming:
             await asyncio.gather(*(self._stream_one(r) for r in requests))
             return None
@@ -218,6 +237,7 @@ class PipelineModel:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self._reloader.shutdown(wait=False, cancel_futures=True)
 
 
 def _preview(latents) -> np.ndarray:
@@ -325,11 +345,19 @@ class CatalogModel:
     def __init__(self, pb_utils, args: dict[str, str]):
         self.pb = pb_utils
         self.repo = Path(args["model_repository"]).resolve().parent
+        self._cached: tuple[tuple[int, int], bytes] | None = None  # (manifest stamp, JSON)
+
+    def _text(self) -> bytes:
+        """The catalogue JSON, re-read only when the manifest file was replaced."""
+        stamp = _stamp(self.repo)  # taken before reading: a replacement in between is read next time
+        if self._cached is None or self._cached[0] != stamp:
+            self._cached = (stamp, json.dumps(catalog(self.repo)).encode())
+        return self._cached[1]
 
     def execute(self, requests: list[Any]):
         pb = self.pb
         try:
-            text = json.dumps(catalog(self.repo)).encode()
+            text = self._text()
         except (ManifestError, OSError) as exc:
             error = pb.TritonError(f"manifest unreadable: {exc}", pb.TritonError.UNAVAILABLE)
             return [pb.InferenceResponse(error=error) for _ in requests]
