@@ -100,42 +100,29 @@ class EngineBuild:
     def refit(self, base_engine: bytes, onnx_path: Path) -> bytes:
         """The base engine with every refittable weight taken from ``onnx_path`` (same graph).
 
-        Refittable weights named after ONNX initializers are all set from ``onnx_path``. TensorRT
-        also lists weights of ``Constant`` nodes (named by their output) and ones the ONNX parser
-        makes itself (``tmp_refittable_weight_*``, e.g. ConstantOfShape values): a variant graph is
-        the base graph with initializers replaced (:mod:`.onnx_variants`), so those keep the base's
-        values. Any other name means the engine was not built from this graph: an error.
+        TensorRT's ONNX parser refitter (``OnnxParserRefitter``, TensorRT >= 10.0) reads the variant
+        file and its external data itself and derives each engine weight exactly as the parser did
+        at build time (initializers, ``Constant`` nodes and weights the parser made, in the layout
+        the engine holds), so no weight passes through Python. A variant graph is the base graph
+        with initializers replaced (:mod:`.onnx_variants`); any other graph fails the refit.
         """
-        import onnx
-        from onnx import numpy_helper
-
         trt = self.trt
+        if not hasattr(trt, "OnnxParserRefitter"):
+            raise TensorRTError(f"tensorrt {trt.__version__} has no OnnxParserRefitter; refit needs TensorRT >= 10.0")
         runtime = trt.Runtime(self.logger)
         engine = runtime.deserialize_cuda_engine(base_engine)
         if engine is None:
             raise TensorRTError(f"{onnx_path}: cannot deserialize the base engine (see the TensorRT log above)")
         refitter = trt.Refitter(engine, self.logger)
-        model = onnx.load(str(onnx_path), load_external_data=True)
-        arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-        constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
-        refittable = set(refitter.get_all_weights())
-        keep = []  # the arrays must outlive refit_cuda_engine
-        for name in sorted(refittable):
-            if name not in arrays:
-                if name in constants or name.startswith("tmp_refittable_weight"):
-                    continue  # same in every variant graph: the base engine's value stays
-                raise TensorRTError(f"{onnx_path}: refittable weight {name!r} of the base engine has no ONNX "
-                                    f"initializer of that name (engine not built from this graph?)")
-            array = np.ascontiguousarray(arrays[name])
-            keep.append(array)
-            if not refitter.set_named_weights(name, trt.Weights(array)):
-                raise TensorRTError(f"{onnx_path}: TensorRT rejected weight {name!r} (shape {list(array.shape)}, "
-                                    f"dtype {array.dtype}); see the TensorRT log above")
+        parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+            raise TensorRTError(f"{onnx_path}: refit from ONNX failed (engine not built from this graph?): {errors}")
         missing = refitter.get_missing_weights()
         if missing:
             raise TensorRTError(f"{onnx_path}: refit is missing weights {list(missing)[:3]}")
         if not refitter.refit_cuda_engine():
-            raise TensorRTError(f"{onnx_path}: refit failed")
+            raise TensorRTError(f"{onnx_path}: refit failed (see the TensorRT log above)")
         return bytes(engine.serialize())
 
 
