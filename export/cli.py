@@ -32,8 +32,9 @@ def _window(text: str) -> tuple[float, float]:
 def _cmd_demo_assets(args: argparse.Namespace) -> int:
     from .demo import write_demo_assets
 
-    out = write_demo_assets(Path(args.out), seed=args.seed)
-    print(f"demo assets written to {out}")
+    arches = tuple(a.strip() for a in args.arch.split(",") if a.strip())
+    out = write_demo_assets(Path(args.out), seed=args.seed, size=args.size, arches=arches)
+    print(f"demo assets ({args.size}: {', '.join(arches)}) written to {out}")
     return 0
 
 
@@ -153,6 +154,8 @@ def _add_export(sub) -> None:
     p.add_argument("--pairs", default="all", help="'all' or NAME+NAME,... content+style pairs")
     p.add_argument("--runner", choices=("auto", "native", "python"), default="auto",
                    help="engine models: native Triton backends or Python-backend runners")
+    p.add_argument("--keep-onnx", action="store_true",
+                   help="tensorrt: keep every UNet variant's ONNX file (by default only W_init's stays)")
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
     p.set_defaults(func=_cmd_export)
 
@@ -220,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-assets", help="write tiny SD 1.5 / SDXL models, demo LoRAs and recipes (offline)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="tiny demo models, or the public full-size architectures with random weights "
+                        "(for engine export and timing; SD 1.5 ~2 GB, SDXL ~7 GB)")
+    p.add_argument("--arch", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     p.set_defaults(func=_cmd_demo_assets)
     for add in (_add_generate, _add_export, _add_serve, _add_models, _add_training):
         add(sub)

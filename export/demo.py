@@ -6,6 +6,10 @@
     out/loras/<arch>-<name>.safetensors       2 content + 2 style LoRAs per architecture
     out/recipe-sd15.toml  out/recipe-sdxl.toml
 
+``write_demo_assets(out, size="full")`` writes the same with the public full-size
+architectures (random weights) under ``<arch>-full`` names: models for exporting and timing
+TensorRT engines of the real layouts (``craft demo-assets --size full``).
+
 The LoRAs touch attention projections and 3x3 resnet convolutions in *every* block, so
 a content LoRA also carries deltas in style layers (and vice versa): routing (Eq. 7) is
 what keeps them out, and that is observable in the outputs.
@@ -21,8 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .loading import load_unet, unet_module_shapes
-from .tiny import build_tiny_pipeline
+from .loading import unet_module_shapes
 
 log = logging.getLogger(__name__)
 
@@ -77,45 +80,85 @@ def make_lora_state_dict(
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def recipe_text(arch: str, loras: list[str] | None = None, root: Path | None = None) -> str:
-    """A recipe for the tiny model of ``arch`` with the named demo LoRAs (default: all).
+# Recipe [defaults] and [engine] per size: the tiny demo's, and the full-size models' usual
+# settings (SD 1.5: 50 steps at 512 px, engines 512-768 px; SDXL: 30 steps at 1024 px, 768-1024 px).
+_RECIPE_SETTINGS = {
+    ("tiny", "sd15"): (8, 64, (64, 64, 128)), ("tiny", "sdxl"): (8, 64, (64, 64, 128)),
+    ("full", "sd15"): (50, 512, (512, 512, 768)), ("full", "sdxl"): (30, 1024, (768, 1024, 1024)),
+}
+_LORA_RANK = {"tiny": 4, "full": 16}
+
+
+def _asset_prefix(arch: str, size: str) -> str:
+    return f"{arch}-{size}"
+
+
+def recipe_text(arch: str, loras: list[str] | None = None, root: Path | None = None, size: str = "tiny") -> str:
+    """A recipe for the ``size`` model of ``arch`` with the named demo LoRAs (default: all).
 
     Paths are relative to the recipe (as written by ``demo-assets``) unless ``root`` names
     the demo-assets folder, which makes them absolute.
     """
     prefix = f"{root}/" if root is not None else ""
+    stem = _asset_prefix(arch, size)
+    lora_stem = arch if size == "tiny" else stem
+    steps, px, (lo, opt, hi) = _RECIPE_SETTINGS[size, arch]
+    what = "tiny" if size == "tiny" else "full-size (random weights)"
     lines = [
-        f"# Demo recipe: tiny {arch} model and generated LoRAs (craft demo-assets).",
+        f"# Demo recipe: {what} {arch} model and generated LoRAs (craft demo-assets).",
         "[base]",
-        f'path = "{prefix}{arch}-tiny"',
+        f'path = "{prefix}{stem}"',
         f'routing = "{arch}"',
         "",
     ]
     for name in DEMO_LORAS if loras is None else loras:
         kind = DEMO_LORAS[name][0]
-        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{kind}"', f'path = "{prefix}loras/{arch}-{name}.safetensors"', ""]
+        lines += ["[[lora]]", f'name = "{name}"', f'kind = "{kind}"', f'path = "{prefix}loras/{lora_stem}-{name}.safetensors"', ""]
     lines += [
-        "[defaults]", "steps = 8", "height = 64", "width = 64", 'scheduler = "euler"', "",
-        "[engine]", "min_size = 64", "opt_size = 64", "max_size = 128", "max_batch = 8", "",
+        "[defaults]", f"steps = {steps}", f"height = {px}", f"width = {px}", 'scheduler = "euler"', "",
+        "[engine]", f"min_size = {lo}", f"opt_size = {opt}", f"max_size = {hi}", "max_batch = 8", "",
     ]
     return "\n".join(lines)
 
 
-def write_demo_assets(out: Path, *, seed: int = 0) -> Path:
-    """Write tiny pipelines, demo LoRAs and recipes into ``out`` (deterministic for a seed)."""
+def write_demo_assets(out: Path, *, seed: int = 0, size: str = "tiny", arches: tuple[str, ...] = ("sd15", "sdxl")) -> Path:
+    """Write pipelines, demo LoRAs and recipes into ``out`` (deterministic for a seed).
+
+    ``size="tiny"``: ``<arch>-tiny/``, ``loras/<arch>-<name>.safetensors``, ``recipe-<arch>.toml``.
+    ``size="full"``: the public full-size architectures with random fp16 weights (SD 1.5 about
+    2 GB, SDXL about 7 GB on disk), rank-16 fp16 LoRAs: ``<arch>-full/``,
+    ``loras/<arch>-full-<name>.safetensors``, ``recipe-<arch>-full.toml``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from .tiny import SIZES, build_pipeline
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    for arch in arches:
+        if arch not in ("sd15", "sdxl"):
+            raise ValueError(f"arch must be sd15 or sdxl, got {arch!r}")
     out = Path(out)
     (out / "loras").mkdir(parents=True, exist_ok=True)
-    for arch in ("sd15", "sdxl"):
-        folder = build_tiny_pipeline(arch, out / f"{arch}-tiny", seed=seed + (0 if arch == "sd15" else 1))
-        shapes = unet_module_shapes(load_unet(folder))
+    for arch in arches:
+        stem = _asset_prefix(arch, size)
+        folder = build_pipeline(arch, out / stem, seed=seed + (0 if arch == "sd15" else 1), size=size)
+        with torch.device("meta"):  # shapes only: no weights read (10 GB for a full-size SDXL UNet)
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        shapes = unet_module_shapes(unet)
         modules = lora_target_modules(shapes)
+        lora_stem = arch if size == "tiny" else stem
+        rank = _LORA_RANK[size]
         for name, (kind, fmt, offset) in DEMO_LORAS.items():
-            rank, alpha = 4, (2.0 if fmt == "kohya" else 4.0)
+            alpha = rank / 2 if fmt == "kohya" else float(rank)
             sd = make_lora_state_dict(shapes, modules, rank=rank, alpha=alpha, seed=seed * 100 + offset, fmt=fmt)
+            if size == "full":  # as LoRAs are usually shipped
+                sd = {k: v if v.ndim == 0 else v.half() for k, v in sd.items()}
             metadata = {"craft.kind": kind, "craft.arch": arch, "craft.rank": str(rank)}
             if fmt == "peft":
                 metadata["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha})
-            save_file(sd, str(out / "loras" / f"{arch}-{name}.safetensors"), metadata=metadata)
-        (out / f"recipe-{arch}.toml").write_text(recipe_text(arch))
-        log.info("wrote %s demo assets", arch)
+            save_file(sd, str(out / "loras" / f"{lora_stem}-{name}.safetensors"), metadata=metadata)
+        recipe = f"recipe-{arch}.toml" if size == "tiny" else f"recipe-{stem}.toml"
+        (out / recipe).write_text(recipe_text(arch, size=size))
+        log.info("wrote %s %s demo assets", size, arch)
     return out

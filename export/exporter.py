@@ -54,6 +54,10 @@ class ExportOptions:
     precision: str = "fp32"
     pairs: str = "all"
     runner: str = "auto"  # "native" | "python" | "auto"
+    # TensorRT: keep the UNet variants' ONNX files after their engines are built and checked. By
+    # default only W_init's stays (later variants are derived from it): a full-size SDXL variant
+    # is 10 GB of fp32 ONNX that nothing serves.
+    keep_onnx: bool = False
 
     def __post_init__(self) -> None:
         if self.runtime not in ("onnxruntime", "tensorrt"):
@@ -270,6 +274,10 @@ def build_model(job: ModelJob, pipe: ReferencePipeline, loaded: Loaded, options:
             refit_from = base_engine.read_bytes()
         record.update(build_engine(job, onnx_path, spec, options, target / "1", image_range=image_range,
                                    base_engine=refit_from))
+        if job.network == "unet" and not job.variants[0].is_base and not options.keep_onnx:
+            for f in onnx_path.parent.glob("model.onnx*"):  # the graph and its external data
+                f.unlink()
+            record["onnx_removed"] = True
     _write_model_config(job, spec, target, runner, options, loaded)
     return record
 
@@ -281,12 +289,16 @@ def _write_model_config(job: ModelJob, spec, target: Path, runner: str, options:
         platform = "tensorrt_plan" if runner == "native" else "python"
     else:
         platform = "onnxruntime" if runner == "native" else "python"
+    parameters = {"craft_runtime": options.runtime, "craft_network": job.network}
+    if platform == "python" and options.runtime == "tensorrt":
+        # GPU-resident inputs stay on the GPU; torch tensors in and out through DLPack (EngineModel)
+        parameters.update(craft_io="dlpack", FORCE_CPU_ONLY_INPUT_TENSORS="no")
     # UNet models batch whatever is already queued but never wait for more: a 2 ms window cost
     # 2.2 ms per call serially and bought no throughput on CPU (benchmarks/results/serve-*).
     text = config_pbtxt(job.name, spec, platform=platform, max_batch_size=loaded.engine.max_batch,
                         instance_kind="KIND_GPU" if options.runtime == "tensorrt" else "KIND_CPU",
                         dynamic_batching=job.network == "unet", max_queue_delay_us=0 if job.network == "unet" else None,
-                        parameters={"craft_runtime": options.runtime, "craft_network": job.network})
+                        parameters=parameters)
     (target / "config.pbtxt").write_text(text)
     if platform == "python":
         shutil.copy(_templates() / "engine_runner" / "model.py", target / "1" / "model.py")
@@ -465,7 +477,8 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
 
 def run_export_cli(args: argparse.Namespace) -> int:
     options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
-                            precision=args.precision, pairs=args.pairs, runner=args.runner)
+                            precision=args.precision, pairs=args.pairs, runner=args.runner,
+                            keep_onnx=args.keep_onnx)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         report = export_repository(options, progress=say)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,14 @@ class OrtSession:
         feeds = {name: self._rank(name, inputs[name]) for name in self.input_names}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
+    def run_torch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """:class:`~craft_export.trt_runner.TrtSession`'s torch interface: CPU torch tensors in and out."""
+        import torch
+
+        out = self({name: np.asarray(value.detach().cpu().numpy()) if isinstance(value, torch.Tensor) else value
+                    for name, value in inputs.items()})
+        return {name: torch.from_numpy(array) for name, array in out.items()}
+
 
 def _squeeze_to(array: np.ndarray, rank: int) -> np.ndarray:
     """Triton's per-item scalars arrive as (B, 1) where the graph takes (B,)."""
@@ -52,12 +61,18 @@ def _squeeze_to(array: np.ndarray, rank: int) -> np.ndarray:
 
 
 def _shape_key(inputs: Batch) -> tuple:
-    return tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
+    return tuple(sorted((k, str(v.dtype), tuple(v.shape[1:])) for k, v in inputs.items()))
 
 
-def run_batched(run: Callable[[Batch], dict[str, np.ndarray]], requests: Sequence[Batch], max_batch: int) -> list[dict[str, np.ndarray]]:
-    """Run requests in as few calls as their shapes and ``max_batch`` allow; outputs in request order."""
-    results: list[dict[str, np.ndarray] | None] = [None] * len(requests)
+def run_batched(run: Callable[[Batch], dict[str, Any]], requests: Sequence[Batch], max_batch: int, *,
+                concat: Callable[[list[Any]], Any] = np.concatenate) -> list[dict[str, Any]]:
+    """Run requests in as few calls as their shapes and ``max_batch`` allow; outputs in request order.
+
+    Requests whose non-batch shapes and dtypes agree are concatenated along the batch axis (up to
+    ``max_batch`` items) and run once; each gets back views of the batched outputs. Works on numpy
+    arrays, or torch tensors with ``concat=torch.cat``.
+    """
+    results: list[dict[str, Any] | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for i, req in enumerate(requests):
         groups.setdefault(_shape_key(req), []).append(i)
@@ -67,12 +82,12 @@ def run_batched(run: Callable[[Batch], dict[str, np.ndarray]], requests: Sequenc
         for i in indices:
             n = _batch_size(requests[i])
             if chunk and size + n > max_batch:
-                _run_chunk(run, requests, chunk, results)
+                _run_chunk(run, requests, chunk, results, concat)
                 chunk, size = [], 0
             chunk.append(i)
             size += n
         if chunk:
-            _run_chunk(run, requests, chunk, results)
+            _run_chunk(run, requests, chunk, results, concat)
     return results  # type: ignore[return-value]
 
 
@@ -80,12 +95,12 @@ def _batch_size(inputs: Batch) -> int:
     return next(iter(inputs.values())).shape[0]
 
 
-def _run_chunk(run, requests, chunk, results) -> None:
+def _run_chunk(run, requests, chunk, results, concat) -> None:
     if len(chunk) == 1:
         results[chunk[0]] = run(requests[chunk[0]])
         return
     names = list(requests[chunk[0]])
-    merged = {n: np.concatenate([requests[j][n] for j in chunk]) for n in names}
+    merged = {n: concat([requests[j][n] for j in chunk]) for n in names}
     out = run(merged)
     offset = 0
     for j in chunk:

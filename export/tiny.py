@@ -1,9 +1,15 @@
-"""Tiny SD 1.5 / SDXL models built offline from the public architectures at small widths.
+"""SD 1.5 / SDXL models built offline from the public architectures: tiny, or full-size.
 
 The folders are ordinary diffusers pipeline folders (``model_index.json``, ``unet/``,
 ``vae/``, ``text_encoder[_2]/``, ``tokenizer[_2]/``, ``scheduler/``), so everything
 downstream loads them with the code that loads a real checkpoint. Weights come from a
 seeded generator: the same seed gives the same bytes.
+
+``size="tiny"``: small widths (the demo and the tests). ``size="full"``: the public full-size
+configs of :mod:`.architectures` with random weights, saved in fp16 like the released
+checkpoints - for exporting and timing engines of the real layouts (speed does not depend on
+the values; the images are noise). The tokenizer is always the small generated BPE one; a
+full-size text encoder keeps CLIP's 49408-token embedding table.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .architectures import SCHEDULER_CONFIG, VAE_SCALING
+from .architectures import CLIP_BIGG, CLIP_L, CLIP_TOKENS, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG, VAE_SCALING
 
-__all__ = ["TINY_CONFIGS", "build_tiny_pipeline", "write_clip_tokenizer"]
+__all__ = ["SIZES", "TINY_CONFIGS", "build_pipeline", "build_tiny_pipeline", "write_clip_tokenizer"]
 
 # The full-size models' scheduler (key order fixes the bytes of scheduler_config.json).
 _SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}
@@ -139,24 +145,54 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, std: float =
                 p.copy_(std * torch.randn(p.shape, generator=generator))
 
 
+# The public full-size architectures in TINY_CONFIGS' form.
+FULL_CONFIGS: dict[str, dict] = {
+    arch: {
+        "pipeline": TINY_CONFIGS[arch]["pipeline"],
+        "unet": UNET_CONFIGS[arch],
+        "vae": dict(VAE_CONFIG, sample_size=512 if arch == "sd15" else 1024),
+        "text_encoders": [dict(CLIP_L, with_projection=False)]
+        + ([dict(CLIP_BIGG, with_projection=True)] if arch == "sdxl" else []),
+        "scaling_factor": VAE_SCALING[arch],
+        "vocab_size": CLIP_TOKENS["vocab_size"],
+    }
+    for arch in ("sd15", "sdxl")
+}
+SIZES = ("tiny", "full")
+
+
 def build_tiny_pipeline(arch: str, out: Path, *, seed: int = 0) -> Path:
     """Write a tiny diffusers pipeline folder of architecture ``sd15`` or ``sdxl`` to ``out``."""
+    return build_pipeline(arch, out, seed=seed, size="tiny")
+
+
+def _save(module: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    module.to(dtype).save_pretrained(folder, safe_serialization=True)
+
+
+def build_pipeline(arch: str, out: Path, *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a diffusers pipeline folder of architecture ``sd15`` / ``sdxl`` and size ``tiny`` / ``full``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if arch not in TINY_CONFIGS:
         raise ValueError(f"arch must be one of {sorted(TINY_CONFIGS)}, got {arch!r}")
-    spec = TINY_CONFIGS[arch]
+    spec = TINY_CONFIGS[arch] if size == "tiny" else FULL_CONFIGS[arch]
+    dtype = torch.float32 if size == "tiny" else torch.float16  # full-size: as the released checkpoints
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    # 1. UNet and VAE with seeded weights
+    # 1. UNet and VAE with seeded weights (one at a time: a full-size SDXL UNet is 10 GB in fp32)
     unet = UNet2DConditionModel(**spec["unet"])
     _randomise(unet, generator)
-    unet.save_pretrained(out / "unet", safe_serialization=True)
-    vae = AutoencoderKL(**_VAE, scaling_factor=spec["scaling_factor"])
+    _save(unet, out / "unet", dtype)
+    del unet
+    vae = AutoencoderKL(**spec.get("vae", _VAE), scaling_factor=spec["scaling_factor"])
     _randomise(vae, generator)
-    vae.save_pretrained(out / "vae", safe_serialization=True)
+    _save(vae, out / "vae", dtype)
+    del vae
 
     # 2. tokenizer(s) and text encoder(s)
     index = {"_class_name": spec["pipeline"], "_diffusers_version": "0.42.1",
@@ -167,9 +203,10 @@ def build_tiny_pipeline(arch: str, out: Path, *, seed: int = 0) -> Path:
         pad = "<|endoftext|>" if i == 0 else "!"
         vocab_size = write_clip_tokenizer(out / f"tokenizer{suffix}", pad_token=pad)
         vocab = json.loads((out / f"tokenizer{suffix}" / "vocab.json").read_text())
-        te = _text_encoder(te_spec, vocab_size, vocab[pad], vocab["<|endoftext|>"], vocab["<|startoftext|>"])
+        te = _text_encoder(te_spec, spec.get("vocab_size", vocab_size), vocab[pad], vocab["<|endoftext|>"],
+                           vocab["<|startoftext|>"])
         _randomise(te, generator, std=0.02)
-        te.save_pretrained(out / f"text_encoder{suffix}", safe_serialization=True)
+        _save(te, out / f"text_encoder{suffix}", dtype)
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
         index[f"text_encoder{suffix}"] = ["transformers", type(te).__name__]
     if arch == "sd15":

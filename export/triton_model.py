@@ -257,29 +257,38 @@ class EngineSettings:
     runtime: str  # "onnxruntime" | "tensorrt"
     cuda_graphs: bool
     device: int
+    io: str  # "numpy" (as_numpy / numpy outputs) | "dlpack" (torch tensors in and out, no host copies on a GPU)
 
     @classmethod
     def from_args(cls, args: dict[str, str]) -> "EngineSettings":
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         on_gpu = args.get("model_instance_kind") == "GPU"
+        runtime = params.get("craft_runtime", "onnxruntime") or "onnxruntime"
         return cls(
             model_dir=Path(args["model_repository"]) / args["model_version"],
             inputs=tuple(i["name"] for i in config["input"]),
             outputs=tuple(o["name"] for o in config["output"]),
             max_batch=max(1, int(config.get("max_batch_size", 1))),
             threads=int(params.get("threads", "0") or 0),
-            runtime=params.get("craft_runtime", "onnxruntime") or "onnxruntime",
+            runtime=runtime,
             cuda_graphs=params.get("cuda_graphs", "").lower() in ("1", "true", "yes"),
             device=int(args.get("model_instance_device_id") or 0) if on_gpu else 0,
+            io=params.get("craft_io", "") or ("dlpack" if runtime == "tensorrt" else "numpy"),
         )
 
 
 class EngineModel:
     """An exported network (ONNX Runtime, or a TensorRT plan on a GPU) as a batching Python-backend model.
 
-    Inputs arrive as numpy (the GPU engine copies them to the device); a zero-copy DLPack
-    input path for GPU-resident BLS tensors is the next step and is not wired yet.
+    ``craft_io`` (model config parameter) picks how tensors cross the Python backend:
+
+    * ``numpy`` (ONNX Runtime default): ``as_numpy()`` in, numpy outputs;
+    * ``dlpack`` (TensorRT default): every input is wrapped as a torch tensor through DLPack
+      (``FORCE_CPU_ONLY_INPUT_TENSORS: no`` lets Triton leave GPU-resident BLS inputs on the
+      GPU), the session's ``run_torch`` runs the batch, and the outputs go back through
+      ``Tensor.from_dlpack`` - no host copies on the GPU path. The current CUDA stream is
+      synchronised before the responses leave (DLPack consumers do not follow stream order).
     """
 
     def __init__(self, pb_utils, args: dict[str, str]):
@@ -292,6 +301,23 @@ class EngineModel:
             self.session = TrtSession(plan, device=self.settings.device, cuda_graphs=self.settings.cuda_graphs)
         else:
             self.session = OrtSession(self.settings.model_dir / "model.onnx", threads=self.settings.threads)
+        self._dlpack = self.settings.io == "dlpack"
+
+    def _input(self, tensor):
+        return from_dlpack(tensor.to_dlpack()) if self._dlpack else tensor.as_numpy()
+
+    def _output(self, name: str, value):
+        if self._dlpack:
+            return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+        return self.pb.Tensor(name, np.ascontiguousarray(value))
+
+    def _run(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._dlpack:
+            return run_batched(self.session, batches, self.settings.max_batch)
+        results = run_batched(self.session.run_torch, batches, self.settings.max_batch, concat=torch.cat)
+        if torch.cuda.is_available() and any(v.is_cuda for r in results for v in r.values()):
+            torch.cuda.current_stream().synchronize()  # outputs complete before Triton reads them
+        return results
 
     def execute(self, requests: list[Any]):
         pb = self.pb
@@ -301,14 +327,14 @@ class EngineModel:
             for name in self.settings.inputs:
                 tensor = pb.get_input_tensor_by_name(request, name)
                 if tensor is not None:
-                    arrays[name] = tensor.as_numpy()
+                    arrays[name] = self._input(tensor)
             missing = [n for n in self.session.input_names if n not in arrays]
             if missing:
                 errors[i] = pb.TritonError(f"missing input {missing[0]!r}", pb.TritonError.INVALID_ARG)
             batches.append(arrays)
         ok = [i for i in range(len(requests)) if i not in errors]
         try:
-            results = run_batched(self.session, [batches[i] for i in ok], self.settings.max_batch)
+            results = self._run([batches[i] for i in ok])
         except Exception as exc:  # noqa: BLE001 - report to every request of the batch
             return [pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}")) for _ in requests]
         by_index = dict(zip(ok, results))
@@ -318,8 +344,7 @@ class EngineModel:
                 responses.append(pb.InferenceResponse(error=errors[i]))
                 continue
             out = by_index[i]
-            responses.append(pb.InferenceResponse(
-                output_tensors=[pb.Tensor(n, np.ascontiguousarray(out[n])) for n in self.settings.outputs]))
+            responses.append(pb.InferenceResponse(output_tensors=[self._output(n, out[n]) for n in self.settings.outputs]))
         return responses
 
 

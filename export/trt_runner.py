@@ -47,14 +47,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .runners import _squeeze_to
+from .runners import _squeeze_to, run_batched
 
 log = logging.getLogger(__name__)
 
@@ -493,43 +493,7 @@ def _same_item_shapes(inputs: Sequence[Mapping[str, Any]]) -> bool:
 
 def run_batched_torch(run: Callable[[Mapping[str, Any]], dict[str, Any]], requests: Sequence[Mapping[str, Any]],
                       max_batch: int) -> list[dict[str, Any]]:
-    """:func:`craft_export.runners.run_batched` for torch tensors (e.g. Triton inputs via DLPack).
-
-    Requests whose non-batch shapes and dtypes agree are concatenated (up to ``max_batch``) and
-    run once; outputs are split back per request as views of the batched outputs.
-    """
+    """:func:`craft_export.runners.run_batched` for torch tensors (e.g. Triton inputs via DLPack)."""
     import torch
 
-    def key(req):
-        return tuple(sorted((k, str(v.dtype), tuple(v.shape[1:])) for k, v in req.items()))
-
-    results: list[dict[str, Any] | None] = [None] * len(requests)
-    groups: dict[tuple, list[int]] = {}
-    for i, req in enumerate(requests):
-        groups.setdefault(key(req), []).append(i)
-    for indices in groups.values():
-        for chunk in _chunks(indices, [next(iter(requests[i].values())).shape[0] for i in indices], max_batch):
-            if len(chunk) == 1:
-                results[chunk[0]] = run(requests[chunk[0]])
-                continue
-            names = list(requests[chunk[0]])
-            out = run({n: torch.cat([requests[j][n] for j in chunk]) for n in names})
-            offset = 0
-            for j in chunk:
-                size = next(iter(requests[j].values())).shape[0]
-                results[j] = {k: v[offset: offset + size] for k, v in out.items()}
-                offset += size
-    return results  # type: ignore[return-value]
-
-
-def _chunks(indices: Iterable[int], sizes: Sequence[int], max_batch: int) -> list[list[int]]:
-    chunks, chunk, total = [], [], 0
-    for i, n in zip(indices, sizes):
-        if chunk and total + n > max_batch:
-            chunks.append(chunk)
-            chunk, total = [], 0
-        chunk.append(i)
-        total += n
-    if chunk:
-        chunks.append(chunk)
-    return chunks
+    return run_batched(run, requests, max_batch, concat=torch.cat)

@@ -213,4 +213,9 @@ def test_tensorrt_export_builds_and_refits(demo_dir, tmp_path):
     assert (tmp_path / "trt" / "unet_base" / "1" / "model.plan").is_file()
     refits = [r for r in raw["models"].values() if r.get("trt_build") == "refit"]
     assert refits and all(r["trt_max_abs_err_vs_onnx"] < 5e-2 for r in raw["models"].values() if "trt_max_abs_err_vs_onnx" in r)
+    # served from model.plan: a variant's ONNX is gone once its engine is checked, W_init's stays
+    for name, record in raw["models"].items():
+        if record.get("trt_build") == "refit":
+            assert record["onnx_removed"] and not list((tmp_path / "trt" / name / "1").glob("model.onnx*"))
+    assert (tmp_path / "trt" / "unet_base" / "1" / "model.onnx").is_file()
     assert report.built

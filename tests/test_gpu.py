@@ -177,7 +177,7 @@ def trt_repos(demo_dir, tmp_path_factory):
     for arch in ("sd15", "sdxl"):
         recipe = _recipe(demo_dir, arch, ["dog", "watercolor"], root / f"{arch}.toml")
         export_repository(ExportOptions(recipe=recipe, out=root / arch, runtime="tensorrt", precision="fp16",
-                                        runner="native"))
+                                        runner="native", keep_onnx=True))  # the refit test rebuilds from them
         out[arch] = (root / arch, recipe, read_manifest(root / arch))
     return out
 

@@ -279,6 +279,47 @@ MODELS = {
 }
 
 
+# The exporter's engine runner (model_repository/engine_runner/model.py -> EngineModel) over a
+# small ONNX graph Y = 2 X + T, T a per-item scalar: once with numpy I/O (the ONNX Runtime
+# default) and once with torch tensors through DLPack (the TensorRT default, here on CPU).
+_ENGINE_CONFIG = """
+    max_batch_size: 4
+    input [
+      {{ name: "X" data_type: TYPE_FP32 dims: [ 3 ] }},
+      {{ name: "T" data_type: TYPE_FP32 dims: [ 1 ] reshape {{ shape: [ ] }} }}
+    ]
+    output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 3 ] }} ]
+    dynamic_batching {{ max_queue_delay_microseconds: 200000 }}
+    instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+    parameters {{ key: "craft_io" value {{ string_value: "{io}" }} }}
+    parameters {{ key: "FORCE_CPU_ONLY_INPUT_TENSORS" value {{ string_value: "no" }} }}
+"""
+ENGINE_MODELS = {f"engine_{io}": io for io in ("numpy", "dlpack")}
+
+
+def _write_engine_model(repo: Path, name: str, io: str) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    version = repo / name / "1"
+    version.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["X", "two"], ["X2"]),
+         helper.make_node("Unsqueeze", ["T", "axis"], ["T1"]),
+         helper.make_node("Add", ["X2", "T1"], ["Y"])],
+        "affine",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 3]),
+         helper.make_tensor_value_info("T", TensorProto.FLOAT, ["B"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", 3])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]), helper.make_tensor("axis", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what any ORT reads
+    onnx.save(model, str(version / "model.onnx"))
+    template = Path(__file__).resolve().parents[1] / "model_repository" / "engine_runner" / "model.py"
+    (version / "model.py").write_text(template.read_text())
+    (repo / name / "config.pbtxt").write_text(_config(name, _ENGINE_CONFIG.format(io=io)))
+
+
 def _write_model(repo: Path, name: str, config: str, source: str) -> None:
     version = repo / name / "1"
     version.mkdir(parents=True)
@@ -300,6 +341,8 @@ def server(binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
     repo = root / "models"
     for name, (config, source) in MODELS.items():
         _write_model(repo, name, config, source)
+    for name, io in ENGINE_MODELS.items():
+        _write_engine_model(repo, name, io)
     config = ServerConfig.with_free_ports(repo)
     with TritonServer(config, binary=binary, log_path=root / "tritonserver.log") as srv:
         yield srv
@@ -451,6 +494,34 @@ def test_dynamic_batching_groups_requests(grpc) -> None:
         assert error is None, error
         sizes.append(int(result.as_numpy("N")[0, 0]))
     assert max(sizes) > 1, sizes
+
+
+# --------------------------------------------------------------------------- engine runner I/O
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_MODELS))
+def test_engine_runner_batches_requests_with_numpy_and_dlpack_io(grpc, name) -> None:
+    rng = np.random.default_rng(0)
+    requests = []
+    for batch in (1, 2, 1, 3, 2):  # 9 items > max_batch_size 4: Triton and run_batched both split
+        x = rng.standard_normal((batch, 3)).astype(np.float32)
+        t = rng.standard_normal((batch, 1)).astype(np.float32)
+        requests.append((x, t))
+    results: queue.Queue = queue.Queue()
+    for i, (x, t) in enumerate(requests):
+        inputs = [tritonclient_grpc.InferInput("X", list(x.shape), "FP32"),
+                  tritonclient_grpc.InferInput("T", list(t.shape), "FP32")]
+        inputs[0].set_data_from_numpy(x)
+        inputs[1].set_data_from_numpy(t)
+        grpc.async_infer(name, inputs, callback=lambda result, error, i=i: results.put((i, result, error)))
+    for _ in requests:
+        i, result, error = results.get(timeout=60)
+        assert error is None, error
+        x, t = requests[i]
+        np.testing.assert_allclose(result.as_numpy("Y"), 2 * x + t, rtol=0, atol=1e-6)
+    stats = grpc.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) == 9
+    assert int(stats["execution_count"]) < len(requests)  # some requests ran together
 
 
 # --------------------------------------------------------------------------- cancellation
