@@ -22,6 +22,13 @@ graph with ``onnx_variants.derive_variant``, as the exporter does).
 Writes ``benchmarks/results/export-<machine>-<YYYY-MM-DD>.json`` and a ``.md`` table beside it.
 
     .venv/bin/python benchmarks/export_bench.py [--quick] [--repeats N] [--no-gpu]
+
+Full-size mode (``--full-size sd15|sdxl``, instead of the above): ``craft demo-assets --size full``
+(the public architecture, random weights) then ``craft export`` of its recipe with one
+content + style pair, as the user runs them (subprocesses): seconds, models built, per-model
+export / parity / TensorRT build-or-refit numbers from the manifest, repository size on disk,
+peak RSS of each command. ``--runtime tensorrt --precision fp16`` on a GPU machine is the
+issue-5 export. Writes ``results/export-full-<arch>-<runtime>-<machine>-<date>.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -130,6 +137,79 @@ def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
         "ratio_incremental_over_full": round(incremental / full, 3) if full else None,
     }
     return result
+
+
+# -- full-size mode ---------------------------------------------------------------------------------
+
+
+# Runs argv[1:] and prints its peak RSS (KiB) as the last stderr line: in a fresh process,
+# RUSAGE_CHILDREN covers exactly that one command.
+_PEAK_RSS_WRAPPER = ("import resource, subprocess, sys\n"
+                     "code = subprocess.run(sys.argv[1:]).returncode\n"
+                     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+                     "sys.exit(code)\n")
+
+
+def _timed_command(cmd: list[str]) -> tuple[float, int, str]:
+    """(seconds, peak RSS in bytes, stdout) of a command; it must succeed."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_WRAPPER, *cmd], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    peak_kib = int(proc.stderr.strip().splitlines()[-1])
+    return seconds, peak_kib * 1024, proc.stdout
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def full_size_part(work: Path, arch: str, runtime: str, precision: str, pairs: str) -> dict:
+    """``craft demo-assets --size full`` + ``craft export`` of one architecture, as subprocesses."""
+    craft = str(Path(sys.executable).with_name("craft"))
+    assets, repo = work / "assets", work / "repo"
+    seconds, peak, _ = _timed_command([craft, "demo-assets", "--out", str(assets), "--size", "full", "--arch", arch])
+    result: dict = {"arch": arch, "runtime": runtime, "precision": precision, "pairs": pairs,
+                    "demo_assets_seconds": round(seconds, 1), "demo_assets_peak_rss_gb": round(peak / 2**30, 2),
+                    "assets_gb": round(_tree_bytes(assets) / 2**30, 2)}
+    print(f"  full-size {arch} assets: {seconds:.0f} s, {result['assets_gb']} GB", flush=True)
+    seconds, peak, stdout = _timed_command([craft, "export", "--recipe", str(assets / f"recipe-{arch}-full.toml"),
+                                            "--out", str(repo), "--runtime", runtime, "--precision", precision,
+                                            "--pairs", pairs, "--json"])
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    records = json.loads((repo / "manifest.json").read_text())["models"]
+    keep = ("export", "export_seconds", "parity_max_abs_err", "trt_build", "trt_seconds", "trt_max_abs_err_vs_onnx",
+            "trt_engine_bytes", "onnx_removed")
+    result.update(export_seconds=round(seconds, 1), export_peak_rss_gb=round(peak / 2**30, 2),
+                  models_built=summary["built"], repository_gb=round(_tree_bytes(repo) / 2**30, 2),
+                  models={name: {k: r[k] for k in keep if k in r} for name, r in records.items()})
+    print(f"  full-size {arch} export ({runtime}, {precision}): {seconds:.0f} s, {len(summary['built'])} models, "
+          f"{result['repository_gb']} GB, peak RSS {result['export_peak_rss_gb']} GB", flush=True)
+    return result
+
+
+def full_size_markdown(report: dict) -> str:
+    r = report["full_size"]
+    lines = [f"# Full-size export - {r['arch']} - {report['machine']} - {report['date']}", "",
+             f"`craft demo-assets --size full --arch {r['arch']}` then `craft export --runtime {r['runtime']} "
+             f"--precision {r['precision']} --pairs {r['pairs']}` (public architecture, random weights). "
+             f"CPU: {report['cpu_model']}, {report['cores']} cores" + (f"; GPU: {report['gpu_name']}" if report.get("gpu_name") else "")
+             + ".", "",
+             "| step | seconds | peak RSS (GB) | on disk (GB) |", "|---|---:|---:|---:|",
+             f"| demo-assets --size full | {r['demo_assets_seconds']} | {r['demo_assets_peak_rss_gb']} | {r['assets_gb']} |",
+             f"| export ({len(r['models_built'])} models) | {r['export_seconds']} | {r['export_peak_rss_gb']} | "
+             f"{r['repository_gb']} |", "",
+             "| model | ONNX | ONNX seconds | max abs err ONNX vs PyTorch | TensorRT | TensorRT seconds | max abs err TRT vs ONNX |",
+             "|---|---|---:|---:|---|---:|---:|"]
+    for name, m in sorted(r["models"].items()):
+        err = max(m.get("parity_max_abs_err", {}).values(), default=None)
+        lines.append(f"| {name} | {m.get('export', '')} | {m.get('export_seconds', '')} | "
+                     f"{'' if err is None else f'{err:.2g}'} | {m.get('trt_build', '')} | {m.get('trt_seconds', '')} | "
+                     f"{m.get('trt_max_abs_err_vs_onnx', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 # -- GPU part (untested here: needs CUDA + TensorRT) ------------------------------------------------
@@ -281,9 +361,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-precision", default="fp16", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--gpu-size", type=int, default=1024, help="opt/max image size (px) of the engine profile")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default results/export-<machine>-<date>.json)")
+    parser.add_argument("--full-size", choices=("sd15", "sdxl"), default=None,
+                        help="instead: demo-assets --size full + craft export of this architecture")
+    parser.add_argument("--runtime", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="--full-size: the export runtime")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="--full-size: export precision (default fp16 for tensorrt, fp32 otherwise)")
+    parser.add_argument("--pairs", default="dog+watercolor", help="--full-size: the pairs exported")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="--full-size: folder for assets and repository (default a temporary one; SDXL needs ~60 GB)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
+
+    if args.full_size:
+        return full_size_main(args)
 
     repeats = args.repeats or (1 if args.quick else 3)
     date = datetime.date.today().isoformat()
@@ -311,6 +403,33 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
+    out.with_suffix(".md").write_text(md)
+    print()
+    print(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def full_size_main(args: argparse.Namespace) -> int:
+    import torch
+
+    precision = args.precision or ("fp16" if args.runtime == "tensorrt" else "fp32")
+    date = datetime.date.today().isoformat()
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = machine_slug() if gpu_name is None else "gpu-" + "".join(c if c.isalnum() else "-" for c in gpu_name.lower())
+    report = {"benchmark": "export-full-size", "date": date, "machine": machine, "cpu_model": cpu_model(),
+              "cores": os.cpu_count(), "gpu_name": gpu_name, "python": platform.python_version(),
+              "torch": torch.__version__, "git": git_state(), "load_average_start": load_average()}
+    print(f"full-size export benchmark ({args.full_size}, {args.runtime}, {precision}) on {machine}", flush=True)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="craft-export-full-", dir=args.work) as tmp:
+        report["full_size"] = full_size_part(Path(tmp), args.full_size, args.runtime, precision, args.pairs)
+    report["load_average_end"] = load_average()
+    out = args.out or RESULTS / f"export-full-{args.full_size}-{args.runtime}-{machine}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    md = full_size_markdown(report)
     out.with_suffix(".md").write_text(md)
     print()
     print(md)

@@ -315,8 +315,8 @@ class EngineModel:
         if not self._dlpack:
             return run_batched(self.session, batches, self.settings.max_batch)
         results = run_batched(self.session.run_torch, batches, self.settings.max_batch, concat=torch.cat)
-        if torch.cuda.is_available() and any(v.is_cuda for r in results for v in r.values()):
-            torch.cuda.current_stream().synchronize()  # outputs complete before Triton reads them
+        for device in {v.device for r in results for v in r.values() if v.is_cuda}:
+            torch.cuda.current_stream(device).synchronize()  # outputs complete before Triton reads them
         return results
 
     def execute(self, requests: list[Any]):
