@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -46,3 +47,13 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def write_report(report: dict, out: Path, markdown: str, note: str = "") -> None:
+    """``out`` (JSON) and the markdown table beside it (``.md``); prints the table and both paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print()
+    print(markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}{note}")

@@ -49,7 +49,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import RESULTS, cpu_model, git_state, load_average, machine_slug  # noqa: E402
+from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
 
 # -- CPU part -----------------------------------------------------------------------------------------
 
@@ -399,14 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["gpu"] = {"label": "UNTESTED", "error": f"{type(exc).__name__}: {exc}"}
     report["load_average_end"] = load_average()
 
-    out = args.out or RESULTS / f"export-{report['machine']}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_report(report, args.out or RESULTS / f"export-{report['machine']}-{date}.json", markdown(report))
     return 0
 
 
@@ -427,13 +420,7 @@ def full_size_main(args: argparse.Namespace) -> int:
         report["full_size"] = full_size_part(Path(tmp), args.full_size, args.runtime, precision, args.pairs)
     report["load_average_end"] = load_average()
     out = args.out or RESULTS / f"export-full-{args.full_size}-{args.runtime}-{machine}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    md = full_size_markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_report(report, out, full_size_markdown(report))
     return 0
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import RESULTS, cpu_model, git_state, load_average, machine_slug  # noqa: E402
+from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
 
 from craft_export.architectures import UNET_CONFIGS  # noqa: E402
 
@@ -777,14 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         name += f"-exp-queue{args.unet_queue_delay_us}us"
     if args.pipeline_instances is not None:
         name += f"-exp-pipeline{args.pipeline_instances}"
-    out = args.out or RESULTS / f"{name}-{report['machine']}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md = markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')} ({report['total_seconds']:.0f} s)")
+    write_report(report, args.out or RESULTS / f"{name}-{report['machine']}-{date}.json", markdown(report),
+                 f" ({report['total_seconds']:.0f} s)")
     return 0
 
 
