@@ -73,8 +73,7 @@ from typing import Any
 import numpy as np
 
 # Public full-size architectures (configs only; the models get random weights).
-from craft_export.architectures import CLIP_BIGG, CLIP_L, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG
-from craft_export.architectures import VAE_SCALING as SCALING
+from craft_export.architectures import SCHEDULER_CONFIG, VAE_SCALING as SCALING
 
 from _common import RESULTS  # benchmarks/ is on sys.path when this runs as a script
 
@@ -293,41 +292,32 @@ class Parts:
     def __init__(self, arch: str, cache: Path, device, dtype, *, tiny: bool = False):
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTokenizer
 
         from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
         from craft_export.specs import network_specs
-        from craft_export.tiny import TINY_CONFIGS, write_clip_tokenizer
+        from craft_export.tiny import FULL_CONFIGS, TINY_CONFIGS, _text_encoder, write_clip_tokenizer
 
         self.arch, self.device, self.dtype = arch, device, dtype
         torch.manual_seed(0)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(0)
-        unet_cfg = TINY_CONFIGS[arch]["unet"] if tiny else UNET_CONFIGS[arch]
-        vae_cfg = dict(VAE_CONFIG, **({"block_out_channels": (8, 16, 32, 32), "layers_per_block": 1,
-                                        "norm_num_groups": 8} if tiny else {}))
-        te_cfgs = ([dict(s) for s in TINY_CONFIGS[arch]["text_encoders"]] if tiny
-                   else [dict(CLIP_L, with_projection=False)] + ([dict(CLIP_BIGG, with_projection=True)]
-                                                                 if arch == "sdxl" else []))
+        sized = (TINY_CONFIGS if tiny else FULL_CONFIGS)[arch]  # what `craft demo-assets --size` builds
+        vae_cfg = dict(sized["vae"], sample_size=SIZE[arch])
         with torch.device(device):
-            self.unet = UNet2DConditionModel(**unet_cfg).to(dtype).eval().requires_grad_(False)
-            self.vae = AutoencoderKL(**vae_cfg, sample_size=SIZE[arch], scaling_factor=SCALING[arch],
+            self.unet = UNet2DConditionModel(**sized["unet"]).to(dtype).eval().requires_grad_(False)
+            self.vae = AutoencoderKL(**vae_cfg, scaling_factor=SCALING[arch],
                                      force_upcast=False).to(dtype).eval().requires_grad_(False)
         self.tokenizers, self.text_encoders = [], []
-        for i, spec in enumerate(te_cfgs):
+        for i, spec in enumerate(sized["text_encoders"]):
             pad = "<|endoftext|>" if i == 0 else "!"
             folder = cache / "tokenizers" / f"tokenizer{'' if i == 0 else '_2'}"
             write_clip_tokenizer(folder, pad_token=pad)
             tok = CLIPTokenizer.from_pretrained(folder)
             vocab = tok.get_vocab()
-            with_projection = spec.pop("with_projection")
-            config = CLIPTextConfig(vocab_size=max(49408, len(vocab)) if not tiny else len(vocab),
-                                    max_position_embeddings=77, pad_token_id=vocab[pad],
-                                    bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                                    **spec)
-            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
             with torch.device(device):
-                enc = cls(config).to(dtype).eval().requires_grad_(False)
+                enc = _text_encoder(spec, sized.get("vocab_size") or len(vocab), vocab[pad], vocab["<|endoftext|>"],
+                                    vocab["<|startoftext|>"]).to(dtype).eval().requires_grad_(False)
             self.tokenizers.append(tok)
             self.text_encoders.append(enc)
         configs = {"unet": self.unet.config, "vae": self.vae.config, "text_encoder": self.text_encoders[0].config}

@@ -89,8 +89,11 @@ _RECIPE_SETTINGS = {
 _LORA_RANK = {"tiny": 4, "full": 16}
 
 
-def _asset_prefix(arch: str, size: str) -> str:
-    return f"{arch}-{size}"
+def _asset_names(arch: str, size: str) -> tuple[str, str, str]:
+    """(model folder, LoRA file prefix, recipe file) of ``arch`` / ``size`` in a demo-assets folder."""
+    if size == "tiny":
+        return f"{arch}-tiny", arch, f"recipe-{arch}.toml"
+    return f"{arch}-{size}", f"{arch}-{size}", f"recipe-{arch}-{size}.toml"
 
 
 def recipe_text(arch: str, loras: list[str] | None = None, root: Path | None = None, size: str = "tiny") -> str:
@@ -100,8 +103,7 @@ def recipe_text(arch: str, loras: list[str] | None = None, root: Path | None = N
     the demo-assets folder, which makes them absolute.
     """
     prefix = f"{root}/" if root is not None else ""
-    stem = _asset_prefix(arch, size)
-    lora_stem = arch if size == "tiny" else stem
+    stem, lora_stem, _ = _asset_names(arch, size)
     steps, px, (lo, opt, hi) = _RECIPE_SETTINGS[size, arch]
     what = "tiny" if size == "tiny" else "full-size (random weights)"
     lines = [
@@ -141,13 +143,12 @@ def write_demo_assets(out: Path, *, seed: int = 0, size: str = "tiny", arches: t
     out = Path(out)
     (out / "loras").mkdir(parents=True, exist_ok=True)
     for arch in arches:
-        stem = _asset_prefix(arch, size)
+        stem, lora_stem, recipe = _asset_names(arch, size)
         folder = build_pipeline(arch, out / stem, seed=seed + (0 if arch == "sd15" else 1), size=size)
         with torch.device("meta"):  # shapes only: no weights read (10 GB for a full-size SDXL UNet)
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         shapes = unet_module_shapes(unet)
         modules = lora_target_modules(shapes)
-        lora_stem = arch if size == "tiny" else stem
         rank = _LORA_RANK[size]
         for name, (kind, fmt, offset) in DEMO_LORAS.items():
             alpha = rank / 2 if fmt == "kohya" else float(rank)
@@ -158,7 +159,6 @@ def write_demo_assets(out: Path, *, seed: int = 0, size: str = "tiny", arches: t
             if fmt == "peft":
                 metadata["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha})
             save_file(sd, str(out / "loras" / f"{lora_stem}-{name}.safetensors"), metadata=metadata)
-        recipe = f"recipe-{arch}.toml" if size == "tiny" else f"recipe-{stem}.toml"
         (out / recipe).write_text(recipe_text(arch, size=size))
         log.info("wrote %s %s demo assets", size, arch)
     return out

@@ -48,7 +48,7 @@ class OrtSession:
         """:class:`~craft_export.trt_runner.TrtSession`'s torch interface: CPU torch tensors in and out."""
         import torch
 
-        out = self({name: np.asarray(value.detach().cpu().numpy()) if isinstance(value, torch.Tensor) else value
+        out = self({name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
                     for name, value in inputs.items()})
         return {name: torch.from_numpy(array) for name, array in out.items()}
 

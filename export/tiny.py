@@ -26,6 +26,13 @@ __all__ = ["SIZES", "TINY_CONFIGS", "build_pipeline", "build_tiny_pipeline", "wr
 # The full-size models' scheduler (key order fixes the bytes of scheduler_config.json).
 _SCHEDULER = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}
 
+_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    block_out_channels=(8, 16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=64,
+)
+
 # UNet kwargs mirror REFERENCE-ARCHITECTURES.md with widths divided down.
 TINY_CONFIGS: dict[str, dict] = {
     "sd15": {
@@ -39,6 +46,7 @@ TINY_CONFIGS: dict[str, dict] = {
         ),
         "text_encoders": [dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, projection_dim=32, with_projection=False)],
+        "vae": _VAE,
         "scaling_factor": VAE_SCALING["sd15"],
     },
     "sdxl": {
@@ -59,16 +67,11 @@ TINY_CONFIGS: dict[str, dict] = {
             dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  projection_dim=32, with_projection=True, hidden_act="gelu"),
         ],
+        "vae": _VAE,
         "scaling_factor": VAE_SCALING["sdxl"],
     },
 }
 
-_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(8, 16, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=64,
-)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -189,7 +192,7 @@ def build_pipeline(arch: str, out: Path, *, seed: int = 0, size: str = "tiny") -
     _randomise(unet, generator)
     _save(unet, out / "unet", dtype)
     del unet
-    vae = AutoencoderKL(**spec.get("vae", _VAE), scaling_factor=spec["scaling_factor"])
+    vae = AutoencoderKL(**spec["vae"], scaling_factor=spec["scaling_factor"])
     _randomise(vae, generator)
     _save(vae, out / "vae", dtype)
     del vae
@@ -203,7 +206,7 @@ def build_pipeline(arch: str, out: Path, *, seed: int = 0, size: str = "tiny") -
         pad = "<|endoftext|>" if i == 0 else "!"
         vocab_size = write_clip_tokenizer(out / f"tokenizer{suffix}", pad_token=pad)
         vocab = json.loads((out / f"tokenizer{suffix}" / "vocab.json").read_text())
-        te = _text_encoder(te_spec, spec.get("vocab_size", vocab_size), vocab[pad], vocab["<|endoftext|>"],
+        te = _text_encoder(te_spec, spec.get("vocab_size") or vocab_size, vocab[pad], vocab["<|endoftext|>"],
                            vocab["<|startoftext|>"])
         _randomise(te, generator, std=0.02)
         _save(te, out / f"text_encoder{suffix}", dtype)

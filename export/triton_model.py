@@ -87,6 +87,7 @@ class PipelineModel:
         repo = Path(args["model_repository"]).resolve().parent
         # stamp before reading: a manifest replaced in between is read again on the next request
         self._manifest_stamp = _stamp(repo)
+        self._rejected_stamp: tuple[int, int] | None = None
         view = read_manifest(repo)
         self.settings = PipelineSettings.from_args(args, repo, view.raw.get("runtime"))
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
@@ -104,16 +105,17 @@ class PipelineModel:
 
     # -- manifest (re)loading: a re-export is picked up on the next request ------------------
 
-    def _manifest_changed(self) -> bool:
+    def _current_stamp(self) -> tuple[int, int] | None:
         try:
-            return _stamp(self.settings.repo) != self._manifest_stamp
+            return _stamp(self.settings.repo)
         except OSError as exc:
             self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
-            return False
+            return None
 
     async def _refresh_if_changed(self) -> None:
         """A cheap stat on the loop; the re-read and model loads (seconds) on the reload thread."""
-        if self._manifest_changed():
+        stamp = self._current_stamp()
+        if stamp is not None and stamp not in (self._manifest_stamp, self._rejected_stamp):
             await self._loop.run_in_executor(self._reloader, self._refresh)
 
     def _refresh(self) -> None:
@@ -122,16 +124,13 @@ class PipelineModel:
         Runs on the single reload thread, so concurrent requests that all saw the change reload once:
         the later ones find the new stamp already in place.
         """
-        try:
-            stamp = _stamp(self.settings.repo)
-        except OSError as exc:
-            self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
-            return
-        if stamp == self._manifest_stamp:
+        stamp = self._current_stamp()
+        if stamp is None or stamp in (self._manifest_stamp, self._rejected_stamp):
             return
         try:
             runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many, self.settings.device)
         except (ManifestError, OSError, ValueError) as exc:
+            self._rejected_stamp = stamp  # not re-read on every request; the next export replaces it
             self.log.log_warn(f"craft: new manifest rejected, keeping the loaded one: {exc}")
             return
         self._ensure_loaded(runtime)
@@ -264,17 +263,16 @@ class EngineSettings:
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         on_gpu = args.get("model_instance_kind") == "GPU"
-        runtime = params.get("craft_runtime", "onnxruntime") or "onnxruntime"
         return cls(
             model_dir=Path(args["model_repository"]) / args["model_version"],
             inputs=tuple(i["name"] for i in config["input"]),
             outputs=tuple(o["name"] for o in config["output"]),
             max_batch=max(1, int(config.get("max_batch_size", 1))),
             threads=int(params.get("threads", "0") or 0),
-            runtime=runtime,
+            runtime=params.get("craft_runtime", "onnxruntime") or "onnxruntime",
             cuda_graphs=params.get("cuda_graphs", "").lower() in ("1", "true", "yes"),
             device=int(args.get("model_instance_device_id") or 0) if on_gpu else 0,
-            io=params.get("craft_io", "") or ("dlpack" if runtime == "tensorrt" else "numpy"),
+            io=params.get("craft_io", "") or "numpy",
         )
 
 
@@ -283,8 +281,8 @@ class EngineModel:
 
     ``craft_io`` (model config parameter) picks how tensors cross the Python backend:
 
-    * ``numpy`` (ONNX Runtime default): ``as_numpy()`` in, numpy outputs;
-    * ``dlpack`` (TensorRT default): every input is wrapped as a torch tensor through DLPack
+    * ``numpy`` (the default): ``as_numpy()`` in, numpy outputs;
+    * ``dlpack`` (what ``craft export --runtime tensorrt`` writes): every input is wrapped as a torch tensor through DLPack
       (``FORCE_CPU_ONLY_INPUT_TENSORS: no`` lets Triton leave GPU-resident BLS inputs on the
       GPU), the session's ``run_torch`` runs the batch, and the outputs go back through
       ``Tensor.from_dlpack`` - no host copies on the GPU path. The current CUDA stream is

@@ -54,11 +54,11 @@ from typing import Any
 
 import numpy as np
 
-from .runners import _squeeze_to, run_batched
+from .runners import _squeeze_to
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrtRunnerError", "TrtSession", "TrtDenoiser", "run_concurrent", "run_batched_torch"]
+__all__ = ["TrtRunnerError", "TrtSession", "TrtDenoiser", "run_concurrent"]
 
 
 class TrtRunnerError(RuntimeError):
@@ -489,11 +489,3 @@ def _same_item_shapes(inputs: Sequence[Mapping[str, Any]]) -> bool:
     first = inputs[0]
     return all(set(p) == set(first) and all(tuple(p[n].shape[1:]) == tuple(first[n].shape[1:]) for n in first)
                for p in inputs[1:])
-
-
-def run_batched_torch(run: Callable[[Mapping[str, Any]], dict[str, Any]], requests: Sequence[Mapping[str, Any]],
-                      max_batch: int) -> list[dict[str, Any]]:
-    """:func:`craft_export.runners.run_batched` for torch tensors (e.g. Triton inputs via DLPack)."""
-    import torch
-
-    return run_batched(run, requests, max_batch, concat=torch.cat)

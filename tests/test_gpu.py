@@ -6,7 +6,7 @@ of the same weights, concurrent vs serial runs, and whole images (``craft_ops.sa
 with TensorRT engines) vs the fp32 PyTorch reference by PSNR.
 
 CPU tests: the module imports without tensorrt; the batching / ACFG grouping logic of
-TrtDenoiser and run_batched_torch (with stand-in sessions); ``benchmarks/gpu_bench.py`` exits 0
+TrtDenoiser and run_batched on torch tensors (with stand-in sessions); ``benchmarks/gpu_bench.py`` exits 0
 with ``{"skipped": "no CUDA GPU"}`` when no GPU is visible.
 """
 
@@ -137,7 +137,7 @@ def test_trt_denoiser_batches_same_weights_and_splits_different_ones():
 
 
 def test_run_batched_torch_groups_by_shape_and_respects_max_batch():
-    from craft_export.trt_runner import run_batched_torch
+    from craft_export.runners import run_batched
 
     calls = []
 
@@ -146,7 +146,7 @@ def test_run_batched_torch_groups_by_shape_and_respects_max_batch():
         return {"y": inputs["x"] * 2}
 
     reqs = [{"x": torch.full((n, 3, s), float(i))} for i, (n, s) in enumerate([(1, 4), (2, 4), (1, 5), (3, 4), (2, 4)])]
-    out = run_batched_torch(run, reqs, max_batch=4)
+    out = run_batched(run, reqs, max_batch=4, concat=torch.cat)
     for req, res in zip(reqs, out):
         torch.testing.assert_close(res["y"], req["x"] * 2)
     # shape 4: sizes 1, 2, 3, 2 in order -> chunks (1+2), (3), (2); shape 5: (1)
