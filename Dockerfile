@@ -12,6 +12,10 @@ WORKDIR /opt/craft
 COPY pyproject.toml README.md ./
 COPY craft_ops ./craft_ops
 COPY export ./export
+COPY serving ./serving
+COPY training ./training
+COPY reference ./reference
+COPY cli ./cli
 COPY client ./client
 COPY model_repository ./model_repository
 

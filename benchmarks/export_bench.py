@@ -1,6 +1,6 @@
 """Export timings: full ``craft export`` vs re-export after adding one LoRA (+ TensorRT build vs refit on GPU).
 
-CPU part (always runs; tiny demo models from ``craft_export.demo``, ONNX Runtime repositories,
+CPU part (always runs; tiny demo models from ``craft_reference.demo``, ONNX Runtime repositories,
 ``runner="python"`` as in the serving tests):
 
 * full export of the tiny SD 1.5 recipe (4 LoRAs -> 2 networks + 9 UNet variants = 11 models)
@@ -78,7 +78,7 @@ def _export(recipe: Path, out: Path) -> dict:
 
 
 def cpu_part(work: Path, repeats: int, with_sdxl: bool) -> dict:
-    from craft_export.demo import DEMO_LORAS, recipe_text, write_demo_assets
+    from craft_reference.demo import DEMO_LORAS, recipe_text, write_demo_assets
 
     demo = work / "demo"
     t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from craft_export.architectures import UNET_CONFIGS, spec_configs
+    from craft_reference.architectures import UNET_CONFIGS, spec_configs
     from craft_export.networks import UNetNet
     from craft_export.onnx_export import example_inputs, export_onnx
     from craft_export.onnx_variants import derive_variant
@@ -265,7 +265,7 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
 
     # A LoRA-like variant: perturb the attention projections and resnet convs (the demo LoRA
     # targets); initializer names are the parameter names (do_constant_folding=False).
-    from craft_export.demo import lora_target_modules
+    from craft_reference.demo import lora_target_modules
     from craft_export.loading import unet_module_shapes
 
     names = {init.name for init in onnx.load(str(base_onnx), load_external_data=False).graph.initializer}

@@ -8,7 +8,7 @@ configs in shared/REFERENCE-ARCHITECTURES.md, random weights: timing does not de
   (b) a TensorRT fp16 engine built from this project's ONNX export
   (``craft_export.onnx_export.export_onnx`` + ``craft_export.specs.network_specs``, then
   ``craft_export.tensorrt_build.EngineBuild``, refittable like the served UNets, the recipe's
-  default image range, batch 1..2), run through ``craft_export.trt_runner.TrtSession`` eagerly and
+  default image range, batch 1..2), run through ``craft_export.trt_session.TrtSession`` eagerly and
   replayed as a CUDA graph. Achieved TFLOP/s = FLOP per sample (SDXL 6.76 TFLOP at 1024 px,
   SD 1.5 0.803 at 512 px) x batch / latency, against a dense fp16 datasheet peak per device and a
   measured fp16 matrix-product ceiling. TensorRT output vs PyTorch fp16 output: relative L2 error.
@@ -24,11 +24,11 @@ configs in shared/REFERENCE-ARCHITECTURES.md, random weights: timing does not de
   exported weight variant, which costs memory, not time.
 * ``diffusers``: the same images with diffusers' own pipelines in PyTorch fp16 and plain CFG, with
   two LoRAs (rank ``--lora-rank``, attention / projection / feed-forward / 3x3 resnet convs, made
-  by ``craft_export.demo.make_lora_state_dict(fmt="peft")``) loaded unfused through PEFT
+  by ``craft_reference.demo.make_lora_state_dict(fmt="peft")``) loaded unfused through PEFT
   (``load_lora_weights`` + ``set_adapters``) - the reference implementation's way - and then fused
   (``fuse_lora`` + ``unload_lora_weights``). Speed-up ratios against the TensorRT ACFG image.
 * ``triton`` (``--triton``, optional): images/s and p50/p99 latency at concurrency 1/4/8 through a
-  real tritonserver (``craft_export.triton_server.TritonServer``) on a repository exported with
+  real tritonserver (``craft_serving.triton_server.TritonServer``) on a repository exported with
   ``--runtime tensorrt`` (``--triton-repo``; default: the tiny demo SD 1.5 repository, exported
   into the cache - that measures the serving path's overhead, not full-size throughput).
 
@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 # Public full-size architectures (configs only; the models get random weights).
-from craft_export.architectures import SCHEDULER_CONFIG, VAE_SCALING as SCALING
+from craft_reference.architectures import SCHEDULER_CONFIG, VAE_SCALING as SCALING
 
 from _common import RESULTS  # benchmarks/ is on sys.path when this runs as a script
 
@@ -296,7 +296,7 @@ class Parts:
 
         from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
         from craft_export.specs import network_specs
-        from craft_export.tiny import FULL_CONFIGS, TINY_CONFIGS, _text_encoder, write_clip_tokenizer
+        from craft_reference.tiny import FULL_CONFIGS, TINY_CONFIGS, _text_encoder, write_clip_tokenizer
 
         self.arch, self.device, self.dtype = arch, device, dtype
         torch.manual_seed(0)
@@ -344,7 +344,7 @@ class Parts:
     def encode(self, texts: list[str], height: int, width: int) -> dict:
         import torch
 
-        from craft_export.conditioning import build_conditioning, tokenize
+        from craft_ops.conditioning import build_conditioning, tokenize
 
         ids = tokenize(self.tokenizers, texts)
         hiddens, pooled = [], None
@@ -359,7 +359,7 @@ class Parts:
     def decode(self, latents) -> np.ndarray:
         import torch
 
-        from craft_export.conditioning import to_uint8
+        from craft_ops.conditioning import to_uint8
 
         with torch.inference_mode():
             return to_uint8(self.vae_net(latents.to(self.dtype)))
@@ -457,7 +457,7 @@ def trt_session(parts: Parts, state: dict, args):
         return sessions[arch]
     if "trt" not in state["runtimes"]:
         return None
-    from craft_export.trt_runner import TrtSession
+    from craft_export.trt_session import TrtSession
 
     plan, info = build_unet_engine(parts, args.cache, args.onnx_weights)
     say(f"{arch}: loading {plan}")
@@ -554,7 +554,7 @@ class TorchDenoiser:
     def __call__(self, calls):
         import torch
 
-        from craft_export.conditioning import unet_inputs
+        from craft_ops.conditioning import unet_inputs
 
         per = [unet_inputs(c.x, c.t, c.cond) for c in calls]
         same = len({c.variant for c in calls}) == 1
@@ -604,7 +604,7 @@ def bench_e2e(parts: Parts, state: dict, args) -> dict:
     variants: dict[str, Callable] = {}
     session = trt_session(parts, state, args)
     if session is not None:
-        from craft_export.trt_runner import TrtDenoiser, TrtSession
+        from craft_export.trt_session import TrtDenoiser, TrtSession
 
         # W_init and one variant: the same plan loaded twice (its own weights in GPU memory each)
         base_session = session
@@ -655,7 +655,7 @@ def bench_diffusers(parts: Parts, state: dict, args) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from craft_export.demo import lora_target_modules, make_lora_state_dict
+    from craft_reference.demo import lora_target_modules, make_lora_state_dict
     from craft_export.loading import unet_module_shapes
 
     arch, device = parts.arch, parts.device
@@ -714,7 +714,7 @@ def bench_diffusers(parts: Parts, state: dict, args) -> dict:
 
 def bench_triton(state: dict, args) -> dict:
     """Images/s and p50/p99 through tritonserver at concurrency 1/4/8 (loopback only, bounded)."""
-    from craft_export.triton_server import ServerConfig, TritonServer, TritonServerError, find_tritonserver
+    from craft_serving.triton_server import ServerConfig, TritonServer, TritonServerError, find_tritonserver
 
     try:
         find_tritonserver()
@@ -724,7 +724,7 @@ def bench_triton(state: dict, args) -> dict:
     if repo is None:
         if "trt" not in state["runtimes"]:
             raise SkipSection("no --triton-repo and no tensorrt to export the demo repository with")
-        from craft_export.demo import write_demo_assets
+        from craft_reference.demo import write_demo_assets
         from craft_export.exporter import ExportOptions, export_repository
 
         demo = args.cache / "demo"
@@ -735,7 +735,7 @@ def bench_triton(state: dict, args) -> dict:
         export_repository(ExportOptions(recipe=demo / "recipe-sd15.toml", out=repo, runtime="tensorrt",
                                         precision="fp16", runner="auto"))
     from craft_client import CraftClient
-    from craft_export.manifest import read_manifest
+    from craft_serving.manifest import read_manifest
 
     view = read_manifest(repo)
     if view.raw.get("runtime") != "tensorrt":

@@ -20,7 +20,7 @@ the end. The request is ``"a dog <c> in watercolor style <s>"`` with content ``d
     compute time of the UNet models) taken over the serial phase explain where it goes.
 
 Presets:
-* ``tiny``: the demo SD 1.5 model (``craft_export.demo``), 64x64 px, 8 steps;
+* ``tiny``: the demo SD 1.5 model (``craft_reference.demo``), 64x64 px, 8 steps;
 * ``larger``: SD 1.5 UNet layout at block_out_channels (96, 192, 384, 384) (76 M parameters,
   cross_attention_dim 32 so the tiny text encoder / VAE / tokenizer / scheduler folders are
   reused), 128x128 px, 8 steps; one UNet forward is measured and reported (target >= 50 ms).
@@ -55,7 +55,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
 
-from craft_export.architectures import UNET_CONFIGS  # noqa: E402
+from craft_reference.architectures import UNET_CONFIGS  # noqa: E402
 
 PROMPT = "a dog <c> in watercolor style <s>"
 CONTENT, STYLE = "dog", "watercolor"
@@ -96,7 +96,7 @@ def _write_loras(pipeline: Path, loras_dir: Path, seed: int) -> dict[str, Path]:
     """dog (content) and watercolor (style) LoRAs for a pipeline's UNet, as in demo.write_demo_assets."""
     from safetensors.torch import save_file
 
-    from craft_export.demo import DEMO_LORAS, lora_target_modules, make_lora_state_dict
+    from craft_reference.demo import DEMO_LORAS, lora_target_modules, make_lora_state_dict
     from craft_export.loading import load_unet, unet_module_shapes
 
     shapes = unet_module_shapes(load_unet(pipeline))
@@ -120,7 +120,7 @@ def build_preset(name: str, work: Path) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from craft_export.tiny import _randomise, build_tiny_pipeline
+    from craft_reference.tiny import _randomise, build_tiny_pipeline
 
     preset = PRESETS[name]
     tiny = work / "sd15-tiny"
@@ -156,8 +156,8 @@ class OrtLocal:
     """The serving pipeline (PipelineRuntime) with network calls run by in-process ONNX Runtime sessions."""
 
     def __init__(self, repo: Path):
-        from craft_export.runners import OrtSession
-        from craft_export.triton_pipeline import PipelineRuntime
+        from craft_serving.batching import OrtSession
+        from craft_serving.runtime import PipelineRuntime
 
         self.sessions: dict[str, OrtSession] = {}
         self._OrtSession = OrtSession
@@ -215,7 +215,7 @@ def unet_forward_ms(ref, base_onnx: Path, size: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from craft_export.runners import OrtSession
+    from craft_serving.batching import OrtSession
 
     lat = size // 8
     g = torch.Generator("cpu").manual_seed(0)
@@ -377,7 +377,7 @@ def unet_call_phase(url: str, model: str, base_onnx: Path, size: int, context_di
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from craft_export.runners import OrtSession
+    from craft_serving.batching import OrtSession
 
     rng = np.random.default_rng(0)
     lat = size // 8
@@ -529,15 +529,15 @@ def run_preset(name: str, work: Path, repeats: int, rounds: int, quick: bool, qu
                pipeline_instances: int | None = None) -> dict:
     from craft_client import CraftClient
     from craft_export.exporter import ExportOptions, export_repository
-    from craft_export.manifest import read_manifest
+    from craft_serving.manifest import read_manifest
     from craft_export.recipe import load_recipe
-    from craft_export.reference import ReferencePipeline
-    from craft_export.triton_server import ServerConfig, TritonServer
+    from craft_reference.pipeline import ReferencePipeline
+    from craft_serving.triton_server import ServerConfig, TritonServer
     from craft_ops.aggregate import BASE
 
     preset = PRESETS[name]
     result: dict = {"image_px": preset["size"], "steps": preset["steps"],
-                    "unet_config": preset["unet"] or "craft_export.tiny.TINY_CONFIGS['sd15']['unet']",
+                    "unet_config": preset["unet"] or "craft_reference.tiny.TINY_CONFIGS['sd15']['unet']",
                     "request": {"prompt": PROMPT, "content": CONTENT, "style": STYLE, "mode": "acfg"},
                     "load_average_start": load_average()}
     t0 = time.perf_counter()

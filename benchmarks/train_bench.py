@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from craft_export.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
+from craft_reference.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
 
 from _common import RESULTS, _slug, cpu_model, git_state, load_average, machine_slug  # benchmarks/ is on sys.path
 
@@ -67,8 +67,8 @@ def _tiny_case(command: str, arch: str, root: str, steps: int, threads: int | No
     """Runs in a fresh process: one end-to-end training run on a tiny demo model."""
     if threads:
         torch.set_num_threads(threads)
-    from craft_export.train_backbone import BackboneConfig, train_backbone
-    from craft_export.train_lora import LoraTrainConfig, train_lora
+    from craft_training.backbone import BackboneConfig, train_backbone
+    from craft_training.lora import LoraTrainConfig, train_lora
 
     root_p = Path(root)
     base = root_p / "demo" / f"{arch}-tiny"
@@ -90,7 +90,7 @@ def _tiny_case(command: str, arch: str, root: str, steps: int, threads: int | No
 
 
 def tiny_cases(steps: int, threads: int | None) -> list[dict]:
-    from craft_export.demo import write_demo_assets
+    from craft_reference.demo import write_demo_assets
 
     results = []
     with tempfile.TemporaryDirectory() as root:
@@ -115,9 +115,9 @@ def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype):
     from diffusers import UNet2DConditionModel
 
     from craft_export.networks import UNetNet
-    from craft_export.train import NoiseSchedule
-    from craft_export.train_backbone import BackboneConfig, RankFTBases, RankFTData, RankFTTrainer, layer_specs
-    from craft_export.train_lora import LoraSet, LoraTrainConfig, LoraTrainer, lora_targets
+    from craft_training.common import NoiseSchedule
+    from craft_training.backbone import BackboneConfig, RankFTBases, RankFTData, RankFTTrainer, layer_specs
+    from craft_training.lora import LoraSet, LoraTrainConfig, LoraTrainer, lora_targets
     from craft_ops.routing import PRESETS
 
     device, unet_config = torch.device("cuda"), UNET_CONFIGS["sdxl"]

@@ -28,10 +28,10 @@ from craft_ops.aggregate import Variant
 from craft_ops.routing import RoutingError
 
 from .loading import LoadError, PipelineParts, load_lora, load_pipeline_parts, sha256_file, unet_module_shapes
-from .manifest import MANIFEST, write_json_atomic
+from craft_serving.manifest import MANIFEST, write_json_atomic
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
 from .recipe import EngineRange, Recipe, RecipeError, load_recipe
-from .reference import LoadedLora, ReferencePipeline
+from craft_reference.pipeline import LoadedLora, ReferencePipeline
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _templates() -> Path:
 def _detect_runner(options: ExportOptions) -> str:
     if options.runner != "auto":
         return options.runner
-    from .triton_server import TritonServerError, find_tritonserver
+    from craft_serving.triton_server import TritonServerError, find_tritonserver
 
     try:
         binary = find_tritonserver()

@@ -56,7 +56,7 @@ class EngineBuild:
     def __init__(self, precision: str):
         import tensorrt as trt
 
-        from .trt_runner import _trt_logger
+        from .trt_session import _trt_logger
 
         self.trt = trt
         self.precision = precision
@@ -131,7 +131,7 @@ def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int
     import onnxruntime as ort
 
     from .onnx_export import example_inputs
-    from .trt_runner import TrtSession
+    from .trt_session import TrtSession
 
     inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=hw, batch=min(2, spec.max_batch), seed=5).items()}
     names = [t.name for t in spec.outputs]

@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    from craft_export.demo import write_demo_assets
+    from craft_reference.demo import write_demo_assets
 
     return write_demo_assets(tmp_path_factory.mktemp("demo"))
 
@@ -42,7 +42,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def ref_pipes(demo_dir):
     """Reference pipelines of both tiny architectures, from the demo recipes."""
     from craft_export.recipe import load_recipe
-    from craft_export.reference import ReferencePipeline
+    from craft_reference.pipeline import ReferencePipeline
 
     return {arch: ReferencePipeline.from_recipe(load_recipe(demo_dir / f"recipe-{arch}.toml"))
             for arch in ("sd15", "sdxl")}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from craft_export.exporter import ExportError, ExportOptions, export_repository
-from craft_export.manifest import read_manifest
+from craft_serving.manifest import read_manifest
 from craft_export.onnx_export import onnx_initializer_hashes, onnx_io
 from craft_export.specs import config_io, parse_config_pbtxt
 from craft_ops.aggregate import BASE, Variant
@@ -22,7 +22,7 @@ CRAFT = str(Path(sys.executable).with_name("craft"))
 
 
 def write_recipe(demo_dir: Path, arch: str, loras: list[str], path: Path) -> Path:
-    from craft_export.demo import recipe_text
+    from craft_reference.demo import recipe_text
 
     path.write_text(recipe_text(arch, loras, root=demo_dir))
     return path
@@ -95,7 +95,7 @@ def test_variant_weights_differ_only_in_their_layer_set(repos, ref_pipes):
 def test_onnx_variant_equals_baked_pytorch(repos, ref_pipes):
     import onnxruntime as ort
 
-    from craft_export.conditioning import unet_inputs
+    from craft_ops.conditioning import unet_inputs
     from craft_ops.sampling import UNetCall
 
     repo, _, _ = repos["sd15"]

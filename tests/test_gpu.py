@@ -41,7 +41,7 @@ def test_trt_runner_imports_without_tensorrt_and_bench_skips_without_gpu(tmp_pat
     # the module imports with tensorrt made unimportable; making a session says what is missing
     code = (
         "import sys; sys.modules['tensorrt'] = None\n"
-        "import craft_export.trt_runner as t\n"
+        "import craft_export.trt_session as t\n"
         "try:\n"
         "    t.TrtSession(b'')\n"
         "except t.TrtRunnerError as exc:\n"
@@ -112,7 +112,7 @@ class _FakeSession:
 
 
 def test_trt_denoiser_batches_same_weights_and_splits_different_ones():
-    from craft_export.trt_runner import TrtDenoiser
+    from craft_export.trt_session import TrtDenoiser
 
     base, variant = _FakeSession(1.0), _FakeSession(3.0)
     denoise = TrtDenoiser(lambda v: base if v.is_base else variant)
@@ -137,7 +137,7 @@ def test_trt_denoiser_batches_same_weights_and_splits_different_ones():
 
 
 def test_run_batched_torch_groups_by_shape_and_respects_max_batch():
-    from craft_export.runners import run_batched
+    from craft_serving.batching import run_batched
 
     calls = []
 
@@ -159,7 +159,7 @@ def test_run_batched_torch_groups_by_shape_and_respects_max_batch():
 # ---------------------------------------------------------------------------------------------
 
 def _recipe(demo_dir: Path, arch: str, loras: list[str], path: Path) -> Path:
-    from craft_export.demo import recipe_text
+    from craft_reference.demo import recipe_text
 
     path.write_text(recipe_text(arch, loras, demo_dir))
     return path
@@ -170,7 +170,7 @@ def trt_repos(demo_dir, tmp_path_factory):
     """Per arch: (repo, recipe, manifest view), exported with --runtime tensorrt --precision fp16."""
     pytest.importorskip("tensorrt")
     from craft_export.exporter import ExportOptions, export_repository
-    from craft_export.manifest import read_manifest
+    from craft_serving.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("trt")
     out = {}
@@ -205,8 +205,8 @@ CASES = [((64, 64), 1, 1), ((128, 128), 2, 2), ((64, 128), 3, 3)]
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_trt_session_matches_onnxruntime(trt_repos, ref_pipes, arch):
     from craft_export.onnx_export import example_inputs
-    from craft_export.runners import OrtSession
-    from craft_export.trt_runner import TrtSession
+    from craft_serving.batching import OrtSession
+    from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos[arch]
     spec = _specs(ref_pipes, arch)["unet"]
@@ -236,7 +236,7 @@ def test_trt_session_matches_onnxruntime(trt_repos, ref_pipes, arch):
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_across_shape_changes(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
-    from craft_export.trt_runner import TrtSession
+    from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos["sdxl"]
     spec = _specs(ref_pipes, "sdxl")["unet"]
@@ -260,7 +260,7 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
     from craft_export.specs import ImageRange
     from craft_export.tensorrt_build import EngineBuild
-    from craft_export.trt_runner import TrtSession
+    from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos["sd15"]
     refits = [name for name, rec in view.raw["models"].items() if rec.get("trt_build") == "refit"]
@@ -287,7 +287,7 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
 @pytest.mark.gpu
 def test_concurrent_runs_equal_serial_runs(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
-    from craft_export.trt_runner import TrtSession, run_concurrent
+    from craft_export.trt_session import TrtSession, run_concurrent
 
     repo, _, view = trt_repos["sd15"]
     spec = _specs(ref_pipes, "sd15")["unet"]
@@ -319,9 +319,9 @@ def test_images_with_tensorrt_match_fp32_reference(trt_repos, ref_pipes, arch, c
     text encoders, UNet variants, VAE decoder - a TrtSession called with numpy, as EngineModel does.
     """
     from craft_export.recipe import load_recipe
-    from craft_export.reference import ReferencePipeline
-    from craft_export.triton_pipeline import PipelineRuntime
-    from craft_export.trt_runner import TrtDenoiser, TrtSession
+    from craft_reference.pipeline import ReferencePipeline
+    from craft_serving.runtime import PipelineRuntime
+    from craft_export.trt_session import TrtDenoiser, TrtSession
 
     repo, recipe, view = trt_repos[arch]
     kw = dict(REQUESTS[case])

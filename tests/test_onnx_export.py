@@ -71,7 +71,7 @@ def _networks(arch, parts) -> dict[str, torch.nn.Module]:
 def pipes(tmp_path_factory):
     """arch -> (pipeline folder, PipelineParts, specs, networks); tiny pipelines built once."""
     from craft_export.loading import load_pipeline_parts
-    from craft_export.tiny import build_tiny_pipeline
+    from craft_reference.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny")
     out = {}

@@ -11,7 +11,7 @@ import pytest
 
 from craft_client.schema import REQUEST_INPUTS
 from craft_export.specs import parse_config_pbtxt
-from craft_export.triton_pipeline import pipeline_config
+from craft_serving.runtime import pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 
 from craft_client import CraftClient, CraftServerError
 from craft_export.exporter import ExportOptions, export_repository
-from craft_export.triton_server import free_port, find_tritonserver, TritonServerError
+from craft_serving.triton_server import free_port, find_tritonserver, TritonServerError
 from craft_ops.request import GenerateRequest
 
 pytestmark = pytest.mark.server
@@ -39,7 +39,7 @@ class Served:
 
 
 def _recipe(demo_dir: Path, arch: str, loras: list[str]) -> str:
-    from craft_export.demo import recipe_text
+    from craft_reference.demo import recipe_text
 
     return recipe_text(arch, loras, root=demo_dir)
 
@@ -258,7 +258,7 @@ def test_new_lora_servable_without_restart(served, demo_dir):
 
 def _local(recipe, prompt, **kw):
     from craft_export.recipe import load_recipe
-    from craft_export.reference import ReferencePipeline
+    from craft_reference.pipeline import ReferencePipeline
 
     return ReferencePipeline.from_recipe(load_recipe(recipe)).generate(GenerateRequest(prompts=(prompt,), **_fields(**kw)))
 

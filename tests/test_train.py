@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from craft_export.loading import load_lora, load_pipeline_parts, load_unet, unet_module_shapes
 from craft_export.recipe import load_recipe
-from craft_export.reference import LoadedLora, ReferencePipeline
-from craft_export.train import TrainError
-from craft_export.train_backbone import (
+from craft_reference.pipeline import LoadedLora, ReferencePipeline
+from craft_training.common import TrainError
+from craft_training.backbone import (
     BackboneConfig,
     RankFTBases,
     frequency_split,
@@ -24,7 +24,7 @@ from craft_export.train_backbone import (
     target_layers,
     train_backbone,
 )
-from craft_export.train_lora import LoraTrainConfig, train_lora
+from craft_training.lora import LoraTrainConfig, train_lora
 from craft_ops.rankft import merged_basis, rank_schedule
 from craft_ops.request import GenerateRequest
 from craft_ops.routing import PRESETS

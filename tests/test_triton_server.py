@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from craft_export.triton_server import (
+from craft_serving.triton_server import (
     ServerConfig,
     TritonServer,
     TritonServerError,

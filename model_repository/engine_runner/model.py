@@ -2,7 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
-from craft_export.triton_model import EngineModel
+from craft_serving.triton_model import EngineModel
 
 
 class TritonPythonModel:

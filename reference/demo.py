@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .loading import unet_module_shapes
+from craft_export.loading import unet_module_shapes
 
 log = logging.getLogger(__name__)
 

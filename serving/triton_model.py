@@ -27,9 +27,9 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from craft_ops.request import RequestError
 
 from .manifest import MANIFEST, ManifestError, read_manifest
-from .conditioning import to_uint8
-from .triton_pipeline import Cancelled, NetCall, PipelineRuntime, request_from_arrays
-from .runners import OrtSession, run_batched
+from craft_ops.conditioning import to_uint8
+from .runtime import Cancelled, NetCall, PipelineRuntime, request_from_arrays
+from .batching import OrtSession, run_batched
 
 __all__ = ["PipelineSettings", "PipelineModel", "EngineModel"]
 
@@ -294,7 +294,7 @@ class EngineModel:
         self.settings = EngineSettings.from_args(args)
         plan = self.settings.model_dir / "model.plan"
         if self.settings.runtime == "tensorrt" and plan.is_file():
-            from .trt_runner import TrtSession  # GPU only; unverified without one (see README)
+            from craft_export.trt_session import TrtSession  # GPU only; unverified without one (see README)
 
             self.session = TrtSession(plan, device=self.settings.device, cuda_graphs=self.settings.cuda_graphs)
         else:

@@ -1,7 +1,7 @@
 """Training shared by Rank-FT (``craft train-backbone``) and LoRA training (``craft train-lora``).
 
-The two trainers live in :mod:`craft_export.train_backbone` (CRAFT-LoRA Eq. 1-4) and
-:mod:`craft_export.train_lora` (Eq. 6-7); this module holds what both need: image folders,
+The two trainers live in :mod:`craft_training.backbone` (CRAFT-LoRA Eq. 1-4) and
+:mod:`craft_training.lora` (Eq. 6-7); this module holds what both need: image folders,
 device and precision, the DDPM noise schedule, one-time VAE / text encoding, the denoising
 loss, and the CLI entry points (imported lazily so ``craft --help`` stays fast).
 
@@ -196,8 +196,8 @@ def encode_latents(vae: nn.Module, images: torch.Tensor, device: torch.device, c
 @torch.no_grad()
 def encode_prompt(parts, text: str, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
     """UNet conditioning of one prompt (already stripped of routing tokens, Eq. 6), batch 1."""
-    from .conditioning import build_conditioning, tokenize
-    from .networks import TextEncoderNet
+    from craft_ops.conditioning import build_conditioning, tokenize
+    from craft_export.networks import TextEncoderNet
 
     hiddens, pooled = [], None
     for i, (encoder, ids) in enumerate(zip(parts.text_encoders, tokenize(parts.tokenizers, [text]))):
@@ -253,7 +253,7 @@ def progress(total: int, initial: int, desc: str):
 
 def run_train_backbone_cli(args: argparse.Namespace) -> int:
     """``craft train-backbone``: Rank-FT, writes ``OUT/unet``, ``OUT/bases.safetensors``, ``OUT/train_log.json``."""
-    from .train_backbone import BackboneConfig, train_backbone
+    from .backbone import BackboneConfig, train_backbone
 
     result = train_backbone(BackboneConfig.from_args(args))
     print(f"W_init backbone written to {result.out} ({result.steps} steps, "
@@ -263,7 +263,7 @@ def run_train_backbone_cli(args: argparse.Namespace) -> int:
 
 def run_train_lora_cli(args: argparse.Namespace) -> int:
     """``craft train-lora``: routed DreamBooth LoRA on W_init, written as PEFT safetensors."""
-    from .train_lora import LoraTrainConfig, train_lora
+    from .lora import LoraTrainConfig, train_lora
 
     result = train_lora(LoraTrainConfig.from_args(args))
     print(f"{result.kind} LoRA written to {result.out} ({len(result.modules)} modules in "

@@ -45,7 +45,7 @@ class OrtSession:
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
     def run_torch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """:class:`~craft_export.trt_runner.TrtSession`'s torch interface: CPU torch tensors in and out."""
+        """:class:`~craft_export.trt_session.TrtSession`'s torch interface: CPU torch tensors in and out."""
         import torch
 
         out = self({name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value

@@ -61,8 +61,8 @@ from torch import nn
 
 from craft_ops.rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
 
-from .loading import unet_weights
-from .train import (
+from craft_export.loading import unet_weights
+from .common import (
     ATTENTION_SUFFIXES,
     NoiseSchedule,
     TrainError,
@@ -453,8 +453,8 @@ def _check_fingerprint(folder: Path, saved: Mapping, current: Mapping) -> None:
 
 def prepare(config: BackboneConfig, device: torch.device, dtype: torch.dtype):
     """Images -> frequency bands -> latents; returns (UNetNet in ``dtype``, data, schedule, arch, files)."""
-    from .loading import load_pipeline_parts
-    from .networks import UNetNet
+    from craft_export.loading import load_pipeline_parts
+    from craft_export.networks import UNetNet
 
     # 1. images first: bad folders fail before any model is loaded
     files = {flag: list_images(path, flag) for flag, path in
@@ -479,7 +479,7 @@ def write_outputs(config: BackboneConfig, bases: RankFTBases, record: Mapping) -
     """``OUT/unet`` (W_init, Eq. 1 with Q_merged), ``OUT/bases.safetensors``, ``OUT/train_log.json``."""
     from safetensors.torch import save_file
 
-    from .loading import load_unet
+    from craft_export.loading import load_unet
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)

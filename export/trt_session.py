@@ -1,7 +1,7 @@
 """TensorRT engines (``model.plan``) as sessions, for the Python-backend models and the GPU benchmark.
 
-:class:`TrtSession` has :class:`~craft_export.runners.OrtSession`'s interface (``input_names``,
-``output_names``, ``__call__(dict of numpy) -> dict of numpy``), so :func:`~craft_export.runners.run_batched`
+:class:`TrtSession` has :class:`~craft_serving.batching.OrtSession`'s interface (``input_names``,
+``output_names``, ``__call__(dict of numpy) -> dict of numpy``), so :func:`~craft_serving.batching.run_batched`
 and ``EngineModel`` can use either, plus :meth:`TrtSession.run_torch` on CUDA tensors without
 host copies (for DLPack tensors inside Triton, or an in-process sampling loop).
 
@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .runners import _squeeze_to
+from craft_serving.batching import _squeeze_to
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def run_concurrent(jobs: Sequence[tuple[TrtSession, Mapping[str, Any]]], *, copy
 
 
 def _unet_inputs(call) -> dict[str, Any]:
-    from .conditioning import unet_inputs
+    from craft_ops.conditioning import unet_inputs
 
     return unet_inputs(call.x, call.t, call.cond)
 

@@ -17,7 +17,7 @@ from typing import Any
 from craft_ops.aggregate import Variant
 from craft_ops.request import Defaults, Limits, LoraInfo
 
-from .plan import FORMAT_VERSION
+from craft_export.plan import FORMAT_VERSION
 
 __all__ = ["ManifestError", "RepoView", "read_manifest", "write_json_atomic", "inside"]
 

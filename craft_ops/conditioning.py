@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from craft_ops.request import Plan, group_noise
-from craft_ops.sampling import Denoiser, make_scheduler, sample
+from .request import Plan, group_noise
+from .sampling import Denoiser, make_scheduler, sample
 
 __all__ = ["tokenize", "build_conditioning", "to_uint8", "unet_inputs", "run_plan"]
 

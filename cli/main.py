@@ -30,7 +30,7 @@ def _window(text: str) -> tuple[float, float]:
 
 
 def _cmd_demo_assets(args: argparse.Namespace) -> int:
-    from .demo import write_demo_assets
+    from craft_reference.demo import write_demo_assets
 
     arches = tuple(a.strip() for a in args.arch.split(",") if a.strip())
     out = write_demo_assets(Path(args.out), seed=args.seed, size=args.size, arches=arches)
@@ -65,8 +65,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
         if not args.recipe:
             raise CliError("--local needs --recipe FILE")
-        from .recipe import load_recipe
-        from .reference import ReferencePipeline
+        from craft_export.recipe import load_recipe
+        from craft_reference.pipeline import ReferencePipeline
 
         pipe = ReferencePipeline.from_recipe(load_recipe(args.recipe))
         for note in pipe.plan(request).notes:
@@ -75,7 +75,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         if not args.url:
             raise CliError("give --url HOST:PORT (served) or --local --recipe FILE (in-process)")
-        from craft_client.cli import generate_remote
+        from .remote import generate_remote
 
         images = generate_remote(args, request)
     for path in _save_images(images, Path(args.out)):
@@ -84,31 +84,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .exporter import run_export_cli
+    from craft_export.exporter import run_export_cli
 
     return run_export_cli(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import run_serve_cli
+    from craft_serving.serve import run_serve_cli
 
     return run_serve_cli(args)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from craft_client.cli import run_models_cli
+    from .remote import run_models_cli
 
     return run_models_cli(args)
 
 
 def _cmd_train_backbone(args: argparse.Namespace) -> int:
-    from .train import run_train_backbone_cli
+    from craft_training.common import run_train_backbone_cli
 
     return run_train_backbone_cli(args)
 
 
 def _cmd_train_lora(args: argparse.Namespace) -> int:
-    from .train import run_train_lora_cli
+    from craft_training.common import run_train_lora_cli
 
     return run_train_lora_cli(args)
 

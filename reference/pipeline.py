@@ -23,10 +23,10 @@ from craft_ops.request import Defaults, GenerateRequest, Limits, LoraInfo, Plan,
 from craft_ops.routing import Routing
 from craft_ops.sampling import UNetCall
 
-from .conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
-from .loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
-from .networks import TextEncoderNet, UNetNet, VaeDecoderNet
-from .recipe import Recipe
+from craft_ops.conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
+from craft_export.loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
+from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
+from craft_export.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

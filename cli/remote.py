@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from .client import CraftClient, CraftServerError
+from craft_client.client import CraftClient, CraftServerError
 
 __all__ = ["generate_remote", "run_models_cli"]
 

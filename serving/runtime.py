@@ -23,7 +23,7 @@ from craft_ops.aggregate import BASE
 from craft_ops.request import GenerateRequest, Plan, RequestError, plan_request
 from craft_ops.sampling import UNetCall, step_variants
 
-from .conditioning import build_conditioning, run_plan, tokenize, to_uint8, unet_inputs
+from craft_ops.conditioning import build_conditioning, run_plan, tokenize, to_uint8, unet_inputs
 from .manifest import RepoView, read_manifest
 
 __all__ = [

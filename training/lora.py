@@ -32,7 +32,7 @@ from torch import nn
 from craft_ops.gates import parse_prompt
 from craft_ops.routing import Routing, resolve_routing
 
-from .train import (
+from .common import (
     ATTENTION_SUFFIXES,
     NoiseSchedule,
     TrainError,
@@ -232,8 +232,8 @@ class LoraTrainer:
 
 def _prepare(config: LoraTrainConfig, device: torch.device, dtype: torch.dtype):
     """Images -> latents, prompt (tokens stripped, Eq. 6) -> conditioning; frozen W_init UNet."""
-    from .loading import load_pipeline_parts
-    from .networks import UNetNet
+    from craft_export.loading import load_pipeline_parts
+    from craft_export.networks import UNetNet
 
     pixels = load_images(config.images, config.resolution, "--images")  # fail before loading models
     gates = parse_prompt(config.prompt)
