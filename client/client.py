@@ -11,15 +11,17 @@ with the server's message, which names the field and the value.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .schema import CATALOG_MODEL, NUMPY_DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, STREAM_MODEL
+from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, STREAM_MODEL
 
 __all__ = ["CraftServerError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient", "build_request"]
 
@@ -65,7 +67,7 @@ def build_request(prompt: str | Sequence[str], **fields: Any) -> dict[str, np.nd
         if value is None:
             continue
         dtype, dims, _ = REQUEST_INPUTS[name]
-        np_dtype = NUMPY_DTYPES[dtype][0]
+        np_dtype = DTYPES[dtype].numpy
         if np_dtype == "object":
             arrays[name] = np.array([str(value).encode()], dtype=np.object_)
         else:
@@ -96,8 +98,7 @@ def _modules(protocol: str, aio: bool = False):
 def _inputs(mod, arrays: Mapping[str, np.ndarray]) -> list:
     out = []
     for name, arr in arrays.items():
-        wire = NUMPY_DTYPES[REQUEST_INPUTS[name][0]][1]
-        inp = mod.InferInput(name, list(arr.shape), wire)
+        inp = mod.InferInput(name, list(arr.shape), REQUEST_INPUTS[name][0])
         inp.set_data_from_numpy(arr)
         out.append(inp)
     return out
@@ -110,25 +111,59 @@ def _result(response) -> GenerateResult:
     return GenerateResult(images, texts)
 
 
+def _event(result) -> Progress:
+    """One message of the streaming model: progress, or (with an image) the final result."""
+    if result.as_numpy("image") is not None:
+        return Progress(-1, -1, result=_result(result))
+    return Progress(int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0]), result.as_numpy("preview"))
+
+
+def _catalog(response) -> dict:
+    return json.loads(response.as_numpy("catalog")[0])
+
+
 def _wrap(exc: Exception) -> CraftServerError:
     message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
     status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
     return CraftServerError(message or str(exc), status)
 
 
-class CraftClient:
-    """Synchronous client over tritonclient gRPC (default) or HTTP."""
+class _Base:
+    """What both clients share: protocol, model names, timeout, request tensors."""
 
-    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
-                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
-        self.mod, self._exc = _modules(protocol)
+    def __init__(self, url: str, protocol: str, model: str, stream_model: str, timeout: float | None, aio: bool):
+        self.mod, self._exc = _modules(protocol, aio=aio)
         self.protocol = protocol
         self.model = model
         self.stream_model = stream_model
         self.timeout = timeout
         self.url = url
-        self.client = self.mod.InferenceServerClient(url=url, **({"network_timeout": timeout or 600.0}
-                                                                if protocol == "http" else {}))
+        if protocol == "http":  # one timeout for the whole connection; gRPC takes it per call
+            kwargs = {"conn_timeout" if aio else "network_timeout": timeout or 600.0}
+        else:
+            kwargs = {}
+        self.client = self.mod.InferenceServerClient(url=url, **kwargs)
+
+    def _call_timeout(self) -> dict[str, float]:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
+
+    def _outputs(self, names) -> list:
+        return [self.mod.InferRequestedOutput(n) for n in names]
+
+    def _check_stream(self) -> None:
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs protocol='grpc'")
+
+
+class CraftClient(_Base):
+    """Synchronous client over tritonclient gRPC (default) or HTTP.
+
+    ``timeout`` (seconds) bounds every call (gRPC) or the connection (HTTP; default 600).
+    """
+
+    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=False)
 
     def ready(self) -> bool:
         try:
@@ -138,11 +173,10 @@ class CraftClient:
 
     def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
         """Images for one request (several prompts -> several images)."""
-        arrays = build_request(prompt, **fields)
-        outputs = [self.mod.InferRequestedOutput("image"), self.mod.InferRequestedOutput("notes")]
-        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
+        inputs = _inputs(self.mod, build_request(prompt, **fields))
         try:
-            response = self.client.infer(self.model, _inputs(self.mod, arrays), outputs=outputs, **kwargs)
+            response = self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
+                                         **self._call_timeout())
         except self._exc as exc:
             raise _wrap(exc) from exc
         return _result(response)
@@ -153,10 +187,10 @@ class CraftClient:
 
         Setting ``cancel`` stops the stream and cancels the work on the server.
         """
-        if self.protocol != "grpc":
-            raise ValueError("streaming needs protocol='grpc'")
+        self._check_stream()
         events: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: events.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: events.put((result, error)),
+                                 stream_timeout=self.timeout)
         try:
             self.client.async_stream_infer(self.stream_model, _inputs(self.mod, build_request(prompt, **fields)),
                                            enable_empty_final_response=False)
@@ -169,24 +203,20 @@ class CraftClient:
                     continue
                 if error is not None:
                     raise _wrap(error)
-                image = result.as_numpy("image")
-                if image is not None:
-                    yield Progress(-1, -1, result=_result(result))
+                event = _event(result)
+                yield event
+                if event.result is not None:
                     return
-                preview = result.as_numpy("preview")
-                yield Progress(int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0]), preview)
         finally:
             self.client.stop_stream(cancel_requests=cancel is not None and cancel.is_set())
 
     def catalog(self) -> dict:
         """The served LoRAs, pairs, defaults and limits."""
-        import json
-
         try:
-            response = self.client.infer(CATALOG_MODEL, [], outputs=[self.mod.InferRequestedOutput("catalog")])
+            response = self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]), **self._call_timeout())
         except self._exc as exc:
             raise _wrap(exc) from exc
-        return json.loads(response.as_numpy("catalog")[0])
+        return _catalog(response)
 
     def close(self) -> None:
         self.client.close()
@@ -198,22 +228,66 @@ class CraftClient:
         self.close()
 
 
-class AsyncCraftClient:
-    """asyncio client over ``tritonclient.grpc.aio`` / ``tritonclient.http.aio``."""
+class AsyncCraftClient(_Base):
+    """asyncio client over ``tritonclient.grpc.aio`` / ``tritonclient.http.aio``: the same methods as
+    :class:`CraftClient`, awaited (``stream`` is an async iterator)."""
 
-    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL):
-        self.mod, self._exc = _modules(protocol, aio=True)
-        self.model = model
-        self.client = self.mod.InferenceServerClient(url=url)
+    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=True)
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(self.model))
+        except (self._exc, OSError):
+            return False
 
     async def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
-        arrays = build_request(prompt, **fields)
-        outputs = [self.mod.InferRequestedOutput("image"), self.mod.InferRequestedOutput("notes")]
+        """Images for one request (several prompts -> several images)."""
+        inputs = _inputs(self.mod, build_request(prompt, **fields))
         try:
-            response = await self.client.infer(self.model, _inputs(self.mod, arrays), outputs=outputs)
+            response = await self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
+                                               **self._call_timeout())
         except self._exc as exc:
             raise _wrap(exc) from exc
         return _result(response)
+
+    async def stream(self, prompt: str | Sequence[str], *, cancel: asyncio.Event | None = None,
+                     **fields: Any) -> AsyncIterator[Progress]:
+        """Progress messages from ``craft_pipeline_stream`` (gRPC), the last one carrying the result.
+
+        Setting ``cancel`` (or leaving the loop early) stops the stream and cancels the work on the server.
+        """
+        self._check_stream()
+        inputs = _inputs(self.mod, build_request(prompt, **fields))
+
+        async def requests():
+            yield {"model_name": self.stream_model, "inputs": inputs}
+
+        responses = self.client.stream_infer(requests(), stream_timeout=self.timeout)
+        try:
+            async for result, error in responses:
+                if cancel is not None and cancel.is_set():
+                    return
+                if error is not None:
+                    raise _wrap(error)
+                event = _event(result)
+                yield event
+                if event.result is not None:
+                    return
+        except self._exc as exc:
+            raise _wrap(exc) from exc
+        finally:
+            responses.cancel()  # no-op once the server has finished the request
+
+    async def catalog(self) -> dict:
+        """The served LoRAs, pairs, defaults and limits."""
+        try:
+            response = await self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]),
+                                               **self._call_timeout())
+        except self._exc as exc:
+            raise _wrap(exc) from exc
+        return _catalog(response)
 
     async def close(self) -> None:
         await self.client.close()

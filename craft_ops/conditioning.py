@@ -1,5 +1,7 @@
-"""Pieces shared by the PyTorch reference and the Triton pipeline: tokens, conditioning, images,
-and the request loop itself (:func:`run_plan`)."""
+"""Pieces every pipeline shares (the PyTorch reference, the served runtime, training): tokens,
+conditioning, images, and the request loop itself (:func:`run_plan`).
+
+Tokenizers, encoders, denoisers and decoders come in as callables; nothing here does I/O."""
 
 from __future__ import annotations
 

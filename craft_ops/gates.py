@@ -70,6 +70,10 @@ class Window:
         except GateError as exc:
             raise GateError(f"{field}: {exc}") from exc
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return (self.start, self.end)
+
     def contains(self, step: int, num_steps: int) -> bool:
         """Whether 1-based ``step`` of ``num_steps`` lies in the window."""
         if num_steps <= 0 or not 1 <= step <= num_steps:
@@ -82,6 +86,7 @@ class Window:
         return [i for i in range(1, num_steps + 1) if self.contains(i, num_steps)]
 
 
+# The paper's windows (DESIGN-NOTES 1): every default window of requests, recipes and sampling.
 DEFAULT_CONTENT_WINDOW = Window(0.0, 0.7)
 DEFAULT_STYLE_WINDOW = Window(0.28, 1.0)
 

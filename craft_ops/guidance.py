@@ -6,17 +6,21 @@ import math
 
 import torch
 
-__all__ = ["acfg", "cfg", "check_omega"]
+__all__ = ["GUIDANCE_MAX", "acfg", "cfg", "check_omega"]
+
+# The largest omega a request, a recipe default or a sampling loop may use (guidance_scale 101):
+# far past any useful value, low enough to refuse typos such as 750.
+GUIDANCE_MAX = 100.0
 
 
 def check_omega(omega: float, field: str = "guidance") -> float:
-    """omega must be a finite, non-negative number."""
+    """omega must be a finite number in ``[0, GUIDANCE_MAX]``."""
     try:
         v = float(omega)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{field} must be a number, got {omega!r}") from exc
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{field} must be a finite number >= 0, got {omega!r}")
+    if not math.isfinite(v) or not 0.0 <= v <= GUIDANCE_MAX:
+        raise ValueError(f"{field} must be a finite number in [0, {GUIDANCE_MAX:g}], got {omega!r}")
     return v
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gates import GateError, Window, parse_prompt
+from .gates import DEFAULT_CONTENT_WINDOW, DEFAULT_STYLE_WINDOW, GateError, Window, parse_prompt
+from .guidance import GUIDANCE_MAX
 from .sampling import MODES, SCHEDULERS, SamplingConfig, initial_latents
 
 __all__ = [
@@ -59,8 +60,8 @@ class Defaults:
     height: int = 512
     width: int = 512
     mode: str = "acfg"
-    content_window: tuple[float, float] = (0.0, 0.7)
-    style_window: tuple[float, float] = (0.28, 1.0)
+    content_window: tuple[float, float] = DEFAULT_CONTENT_WINDOW.bounds
+    style_window: tuple[float, float] = DEFAULT_STYLE_WINDOW.bounds
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "guidance": self.guidance, "scheduler": self.scheduler,
@@ -210,8 +211,8 @@ def plan_request(
     seed = _check_int("seed", req.seed, 0, 2**63 - 1 - limits.max_prompts)
     steps = _check_int("steps", defaults.steps if req.steps is None else req.steps, 1, limits.max_steps)
     omega = defaults.guidance if req.guidance is None else req.guidance
-    if not isinstance(omega, (int, float)) or not math.isfinite(omega) or not 0 <= omega <= 100:
-        raise RequestError("guidance", omega, "must be a finite number in [0, 100]")
+    if not isinstance(omega, (int, float)) or not math.isfinite(omega) or not 0 <= omega <= GUIDANCE_MAX:
+        raise RequestError("guidance", omega, f"must be a finite number in [0, {GUIDANCE_MAX:g}]")
     height = _check_size("height", defaults.height if req.height is None else req.height,
                          limits.min_hw[0], limits.max_hw[0], limits.multiple)
     width = _check_size("width", defaults.width if req.width is None else req.width,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from craft_ops.gates import GateError, Window
+from craft_ops.guidance import GUIDANCE_MAX
 from craft_ops.request import Defaults
 from craft_ops.routing import Routing, RoutingError, resolve_routing
 from craft_ops.sampling import MODES, SCHEDULERS
@@ -173,36 +174,36 @@ def _lora(path: Path, i: int, entry: Any) -> LoraSpec:
 
 
 def _defaults(path: Path, arch: str, table: Mapping[str, Any]) -> Defaults:
+    """The recipe's ``[defaults]`` over the architecture's (guidance, size) over :class:`Defaults`'."""
     allowed = {"steps", "guidance", "scheduler", "height", "width", "mode", "content_window", "style_window"}
     extra = set(table) - allowed
     if extra:
         raise _fail(path, "[defaults]", f"unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
     arch_defaults = ARCH_DEFAULTS[arch]
     size = arch_defaults["size"]
-    values = {"guidance": arch_defaults["guidance"], "height": size, "width": size, **table}
-    steps = values.get("steps", 30)
+    values = {**Defaults().as_dict(), "guidance": arch_defaults["guidance"], "height": size, "width": size, **table}
+    steps = values["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise _fail(path, "defaults.steps", f"must be an integer in [1, 1000], got {steps!r}")
     g = values["guidance"]
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-        raise _fail(path, "defaults.guidance", f"must be a finite number >= 0, got {g!r}")
-    if values.get("scheduler", "euler") not in SCHEDULERS:
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= GUIDANCE_MAX:
+        raise _fail(path, "defaults.guidance", f"must be a finite number in [0, {GUIDANCE_MAX:g}], got {g!r}")
+    if values["scheduler"] not in SCHEDULERS:
         raise _fail(path, "defaults.scheduler", f"must be one of {sorted(SCHEDULERS)}, got {values['scheduler']!r}")
-    if values.get("mode", "acfg") not in MODES:
+    if values["mode"] not in MODES:
         raise _fail(path, "defaults.mode", f"must be one of {list(MODES)}, got {values['mode']!r}")
     for key in ("height", "width"):
         v = values[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8:
             raise _fail(path, f"defaults.{key}", f"must be a positive multiple of 8, got {v!r}")
     windows = {}
-    for key, default in (("content_window", (0.0, 0.7)), ("style_window", (0.28, 1.0))):
+    for key in ("content_window", "style_window"):
         try:
-            w = Window.of(values.get(key, default), key)
+            windows[key] = Window.of(values[key], key).bounds
         except GateError as exc:
             raise _fail(path, f"defaults.{key}", str(exc)) from exc
-        windows[key] = (w.start, w.end)
-    return Defaults(steps=steps, guidance=float(g), scheduler=values.get("scheduler", "euler"),
-                    height=values["height"], width=values["width"], mode=values.get("mode", "acfg"), **windows)
+    return Defaults(steps=steps, guidance=float(g), scheduler=values["scheduler"],
+                    height=values["height"], width=values["width"], mode=values["mode"], **windows)
 
 
 def _engine_range(path: Path, arch: str, table: Mapping[str, Any], defaults: Defaults) -> EngineRange:
