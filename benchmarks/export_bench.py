@@ -243,7 +243,8 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
     from craft_export.networks import UNetNet
     from craft_export.onnx_export import example_inputs, export_onnx
     from craft_export.onnx_variants import derive_variant
-    from craft_export.specs import ImageRange, network_specs
+    from craft_export.network_specs import network_specs
+    from craft_export.specs import ImageRange
     from craft_export.tensorrt_build import EngineBuild
 
     out: dict = {"label": "UNTESTED on CPU-only machines: SDXL UNet, public config, random weights",

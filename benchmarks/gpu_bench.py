@@ -295,7 +295,7 @@ class Parts:
         from transformers import CLIPTokenizer
 
         from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
-        from craft_export.specs import network_specs
+        from craft_export.network_specs import network_specs
         from craft_reference.tiny import FULL_CONFIGS, TINY_CONFIGS, _text_encoder, write_clip_tokenizer
 
         self.arch, self.device, self.dtype = arch, device, dtype
@@ -604,7 +604,8 @@ def bench_e2e(parts: Parts, state: dict, args) -> dict:
     variants: dict[str, Callable] = {}
     session = trt_session(parts, state, args)
     if session is not None:
-        from craft_export.trt_session import TrtDenoiser, TrtSession
+        from craft_export.trt_session import TrtSession
+        from craft_serving.trt_denoiser import TrtDenoiser
 
         # W_init and one variant: the same plan loaded twice (its own weights in GPU memory each)
         base_session = session
@@ -738,8 +739,8 @@ def bench_triton(state: dict, args) -> dict:
     from craft_serving.manifest import read_manifest
 
     view = read_manifest(repo)
-    if view.raw.get("runtime") != "tensorrt":
-        raise SkipSection(f"{repo} was exported with --runtime {view.raw.get('runtime')}, not tensorrt")
+    if view.runtime != "tensorrt":
+        raise SkipSection(f"{repo} was exported with --runtime {view.runtime}, not tensorrt")
     contents = [n for n, i in view.catalog.items() if i.kind == "content"]
     styles = [n for n, i in view.catalog.items() if i.kind == "style"]
     fields: dict[str, Any] = {"seed": 1}
@@ -747,7 +748,7 @@ def bench_triton(state: dict, args) -> dict:
         fields.update(content=contents[0], style=styles[0])
     prompt = PROMPT if "content" in fields else PROMPT_PLAIN
     config = ServerConfig.with_free_ports(repo)
-    result: dict[str, Any] = {"repo": str(repo), "arch": view.arch, "runner": view.raw.get("runner"),
+    result: dict[str, Any] = {"repo": str(repo), "arch": view.arch, "runner": view.runner,
                               "request": {"prompt": prompt, **fields, "steps": view.defaults.steps,
                                           "size": [view.defaults.height, view.defaults.width]},
                               "concurrency": {}}

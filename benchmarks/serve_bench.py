@@ -156,7 +156,7 @@ class OrtLocal:
     """The serving pipeline (PipelineRuntime) with network calls run by in-process ONNX Runtime sessions."""
 
     def __init__(self, repo: Path):
-        from craft_serving.batching import OrtSession
+        from craft_export.ort import OrtSession
         from craft_serving.runtime import PipelineRuntime
 
         self.sessions: dict[str, OrtSession] = {}
@@ -215,7 +215,7 @@ def unet_forward_ms(ref, base_onnx: Path, size: int, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from craft_serving.batching import OrtSession
+    from craft_export.ort import OrtSession
 
     lat = size // 8
     g = torch.Generator("cpu").manual_seed(0)
@@ -377,7 +377,7 @@ def unet_call_phase(url: str, model: str, base_onnx: Path, size: int, context_di
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from craft_serving.batching import OrtSession
+    from craft_export.ort import OrtSession
 
     rng = np.random.default_rng(0)
     lat = size // 8

@@ -116,7 +116,8 @@ def _sdxl_trainer(command: str, resolution: int, dtype: torch.dtype):
 
     from craft_export.networks import UNetNet
     from craft_training.common import NoiseSchedule
-    from craft_training.backbone import BackboneConfig, RankFTBases, RankFTData, RankFTTrainer, layer_specs
+    from craft_training.backbone import BackboneConfig, RankFTData, RankFTTrainer
+    from craft_training.rankft_bases import RankFTBases, layer_specs
     from craft_training.lora import LoraSet, LoraTrainConfig, LoraTrainer, lora_targets
     from craft_ops.routing import PRESETS
 

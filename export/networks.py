@@ -6,10 +6,12 @@ same wrappers, so "what the engine computes" is defined exactly once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-__all__ = ["UNetNet", "TextEncoderNet", "VaeDecoderNet"]
+__all__ = ["UNetNet", "TextEncoderNet", "VaeDecoderNet", "PipelineNets", "pipeline_nets"]
 
 
 class UNetNet(nn.Module):
@@ -69,3 +71,20 @@ class VaeDecoderNet(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, 8h, 8w)
         image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class PipelineNets:
+    """The wrapped networks of one loaded pipeline (UNet, text encoder(s), VAE decoder)."""
+
+    unet: UNetNet
+    text_encoders: list[TextEncoderNet]
+    vae: VaeDecoderNet
+
+
+def pipeline_nets(parts) -> PipelineNets:
+    """Wrap a loaded pipeline's networks (``craft_export.loading.PipelineParts``): SDXL's encoders
+    use their penultimate layer and the second returns the pooled embedding (DESIGN-NOTES 6)."""
+    sdxl = parts.arch == "sdxl"
+    encoders = [TextEncoderNet(enc, penultimate=sdxl, pooled=i == 1) for i, enc in enumerate(parts.text_encoders)]
+    return PipelineNets(UNetNet(parts.unet), encoders, VaeDecoderNet(parts.vae))

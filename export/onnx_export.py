@@ -1,31 +1,27 @@
 """Export the networks of :mod:`craft_export.networks` to ONNX, following a :class:`NetworkSpec`.
 
-Output layout: ``model.onnx`` (graph) + ``model.onnx.data`` (every initializer of 1 KiB or
-more, one file) in the target directory. External data is always used, so models over
-protobuf's 2 GiB limit (the SDXL UNet) take the same path as the tiny test models. The
-files are written into a temp directory next to the target, checked, and only then moved
-into place (``.data`` first, ``.onnx`` last), so no half-written model is ever visible.
+The files (``model.onnx`` + ``model.onnx.data``, :mod:`craft_export.onnx_files`) are written into
+a temp directory next to the target, checked with ``onnx.checker``, and only then moved into place.
 
 Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) by default
 -------------------------------------------------------------------------------------------
 Both exporters of torch 2.13 produce correct graphs for the diffusers UNet (SD 1.5 and
 SDXL with its ``added_cond_kwargs``), the transformers CLIP text encoders and the VAE
-decoder, with dynamic batch and latent axes. Parity with PyTorch was ~3e-6 for both on
-the tiny models. The TorchScript exporter is the default because:
+decoder, with dynamic batch and latent axes, and match PyTorch equally well. The TorchScript
+exporter is the default because:
 
-* Speed: it exports the tiny SD 1.5 UNet in ~1.5 s. The dynamo exporter needs ~35-50 s
-  on 2 CPU cores (torch.export + decompositions + symbolic-shape tracing: a fixed cost
-  per graph op, which doesn't shrink with width). Every LoRA weight variant is a separate
-  export, so this is paid once per variant.
+* Speed: the dynamo exporter's torch.export + decompositions + symbolic-shape tracing cost a
+  fixed amount per graph op, which doesn't shrink with width, and every LoRA weight variant
+  traced is one more export (the README's "Export" section has the measured times).
 * Weight names: with ``do_constant_folding=False`` every initializer keeps its parameter
   name (``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight``). With
   constant folding (always on in the TorchScript exporter unless turned off, and in the
   dynamo exporter's optimizer) the transposed ``nn.Linear`` weights become anonymous
-  initializers (``onnx::MatMul_5692`` / ``val_123``): 282 of 684 in the tiny UNet,
-  including every attention projection, i.e. exactly the LoRA targets. Per-variant weight
-  diffs (:func:`onnx_initializer_hashes`) and TensorRT refit-by-name need these names.
-  The leftover ``Transpose``/``Unsqueeze`` of weights and the shape arithmetic get folded
-  by ONNX Runtime at session creation and by TensorRT at build time.
+  initializers (``onnx::MatMul_5692`` / ``val_123``), every attention projection among
+  them, i.e. exactly the LoRA targets. Per-variant weight diffs
+  (:func:`craft_export.onnx_files.onnx_initializer_hashes`), derived variants and TensorRT
+  refit need these names. The leftover ``Transpose``/``Unsqueeze`` of weights and the shape
+  arithmetic get folded by ONNX Runtime at session creation and by TensorRT at build time.
 * The TorchScript exporter is deprecated upstream (DeprecationWarning) but still present
   and supported in torch 2.13. ``exporter="dynamo"`` is kept working behind the same
   contract (run with ``optimize=False`` so weight names survive too); the tests cover it
@@ -47,9 +43,9 @@ Gotchas handled here:
   (16 for SD 1.5); e.g. batch 2 at 128x192 px.
 * Attention: the models keep diffusers' default ``AttnProcessor2_0`` (SDPA), which exports
   to one MatMul-Softmax-MatMul per head group (opset >= 14). TensorRT fuses that into its
-  fused-MHA kernels. ``set_attn_processor(AttnProcessor())`` would give a 60% larger
-  graph (baddbmm on an ``empty`` tensor -> ConstantOfShape/Mul/Add, head<->batch
-  reshapes) for the same numbers, so don't switch.
+  fused-MHA kernels. ``set_attn_processor(AttnProcessor())`` would give a larger graph
+  (baddbmm on an ``empty`` tensor -> ConstantOfShape/Mul/Add, head<->batch reshapes) for
+  the same numbers, so don't switch.
 * The graph's declared input/output shapes are rewritten from the spec (exact symbolic
   names, static sizes where the exporter lost them, e.g. the text encoder's 77), after
   checking that the exporter didn't bake a symbolic axis into a constant.
@@ -58,22 +54,20 @@ Gotchas handled here:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .specs import NetworkSpec, TensorSpec
+from .onnx_files import consolidate_external_data, iter_initializers, publish_onnx, value_info_dims
+from .specs import NetworkSpec
 
 __all__ = [
     "EXPORTERS",
@@ -81,18 +75,13 @@ __all__ = [
     "ExportResult",
     "export_onnx",
     "example_inputs",
-    "run_parity",
-    "onnx_io",
-    "check_onnx_contract",
-    "onnx_initializer_hashes",
-    "consolidate_external_data",
+    "check_inputs",
+    "eval_mode",
 ]
 
 EXPORTERS = ("torchscript", "dynamo")
 # TorchScript: 17 (native LayerNormalization; TensorRT 8.6+ / 10.x). Dynamo: 18 is its minimum.
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
-EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inline in model.onnx
-_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -155,7 +144,8 @@ def example_inputs(spec: NetworkSpec, hw: tuple[int, int] = (64, 64), batch: int
     return out
 
 
-def _check_inputs(spec: NetworkSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+def check_inputs(spec: NetworkSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The symbol values ``inputs`` bind, after checking their shapes and dtypes against ``spec``."""
     env = spec.bind({k: tuple(v.shape) for k, v in inputs.items()})
     for t in spec.inputs:
         if inputs[t.name].dtype != t.torch_dtype:
@@ -184,7 +174,8 @@ def _forced_upsample_size(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; every submodule's own training flag comes back after."""
     # restore each submodule's own flag: module.train(x) would set it on every child
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
@@ -236,18 +227,6 @@ def _torch_export(module: nn.Module, spec: NetworkSpec, inputs: Mapping[str, tor
         )
 
 
-def _value_info_dims(vi) -> tuple:
-    dims = []
-    for d in vi.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return tuple(dims)
-
-
 def _stamp_io(model, spec: NetworkSpec) -> None:
     """Check graph I/O against the spec and write the spec's dims into the graph."""
     init_names = {i.name for i in model.graph.initializer}
@@ -261,7 +240,7 @@ def _stamp_io(model, spec: NetworkSpec) -> None:
             tt = vi.type.tensor_type
             if tt.elem_type != t.onnx_dtype:
                 raise ValueError(f"{spec.kind}.{t.name}: ONNX elem_type {tt.elem_type} != spec {t.dtype}")
-            got = _value_info_dims(vi)
+            got = value_info_dims(vi)
             if len(got) != t.rank:
                 raise ValueError(f"{spec.kind}.{t.name}: ONNX rank {len(got)} {got} != spec {t.dims}")
             for g, d in zip(got, t.dims):
@@ -282,93 +261,6 @@ def _stamp_io(model, spec: NetworkSpec) -> None:
                     dim.dim_param = d
 
 
-def _iter_initializers(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _iter_initializers(attr.g)
-            for g in attr.graphs:
-                yield from _iter_initializers(g)
-
-
-def _external_info(tensor) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
-def _tensor_bytes(tensor, base_dir: Path) -> bytes:
-    """Raw little-endian bytes of an initializer, wherever they are stored."""
-    import onnx
-    from onnx import numpy_helper
-
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = _external_info(tensor)
-        with open(base_dir / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            length = info.get("length")
-            return f.read(int(length)) if length is not None else f.read()
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    return numpy_helper.to_array(tensor).tobytes()
-
-
-def consolidate_external_data(model, src_dir: Path, dst_model: Path,
-                              threshold: int = EXTERNAL_THRESHOLD) -> int:
-    """Write ``model`` as ``dst_model`` + ``dst_model.data``: every initializer >= ``threshold``
-    bytes goes to the one data file, read one tensor at a time from wherever it is now
-    (inline, or external files under ``src_dir``; the TorchScript exporter writes one file
-    per tensor past 2 GiB). ``model`` (loaded with ``load_external_data=False``) is
-    modified in place. Returns the data file's size.
-    """
-    import onnx
-
-    data_name = dst_model.name + ".data"
-    with open(dst_model.parent / data_name, "wb") as out:
-        for tensor in _iter_initializers(model.graph):
-            external = tensor.data_location == onnx.TensorProto.EXTERNAL
-            if tensor.data_type == onnx.TensorProto.STRING:
-                continue  # no raw byte layout; never large in these graphs
-            size = int(_external_info(tensor).get("length", -1)) if external else tensor.ByteSize()
-            if not external and size < threshold:
-                continue
-            blob = _tensor_bytes(tensor, src_dir)
-            if not external and len(blob) < threshold:
-                continue
-            pad = -out.tell() % _ALIGN
-            if pad:
-                out.write(b"\0" * pad)
-            offset = out.tell()
-            out.write(blob)
-            for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                        "uint64_data", "string_data"):
-                tensor.ClearField(fld)
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
-                e = tensor.external_data.add()
-                e.key, e.value = k, v
-        out.flush()
-        os.fsync(out.fileno())
-        data_bytes = out.tell()
-    with open(dst_model, "wb") as f:
-        f.write(model.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
-    return data_bytes
-
-
-def publish_onnx(final: Path, path: Path) -> Path:
-    """Move ``final`` (+ ``final.data``) to ``path``: the old graph goes first so it never points
-    at new weights, then the data, then the graph. Returns the data file's path."""
-    data_target = path.with_name(path.name + ".data")
-    if path.exists():
-        path.unlink()
-    os.replace(final.with_name(final.name + ".data"), data_target)
-    os.replace(final, path)
-    _fsync_dir(path.parent)
-    return data_target
-
-
 def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[str, torch.Tensor],
                 path: Path, *, opset: int | None = None, exporter: str = "torchscript") -> ExportResult:
     """Export ``module`` (a :mod:`craft_export.networks` wrapper) to ``path`` (``.../model.onnx``).
@@ -384,7 +276,7 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     opset = DEFAULT_OPSET[exporter] if opset is None else int(opset)
     path = Path(path)
-    env = _check_inputs(spec, example_inputs)
+    env = check_inputs(spec, example_inputs)
     small = {s: n for s, n in env.items() if n < 2}
     if small:
         raise ValueError(f"{spec.kind}: example sizes {small} < 2 would be baked into the graph; "
@@ -396,7 +288,7 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         raw_dir = staging / "raw"
         raw_dir.mkdir()
         raw_path = raw_dir / "model.onnx"
-        with _quiet(), _eval_mode(module), _forced_upsample_size(module):
+        with _quiet(), eval_mode(module), _forced_upsample_size(module):
             _torch_export(module, spec, example_inputs, raw_path, exporter, opset)
 
         model = onnx.load(str(raw_path), load_external_data=False)
@@ -405,7 +297,7 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         data_bytes = consolidate_external_data(model, raw_dir, final)
         shutil.rmtree(raw_dir)
         onnx.checker.check_model(str(final))  # by path: handles external data and > 2 GiB
-        n_init = sum(1 for _ in _iter_initializers(model.graph))
+        n_init = sum(1 for _ in iter_initializers(model.graph))
         n_nodes = len(model.graph.node)
         del model
 
@@ -414,120 +306,3 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(path, data_target, exporter, opset, time.perf_counter() - t0,
                         n_init, n_nodes, data_bytes)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------
-# reading exported models back
-# ---------------------------------------------------------------------------------------
-
-def onnx_io(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Graph inputs and outputs of an ONNX file as TensorSpecs (dims: int or dim_param).
-
-    Raises if an axis has neither a value nor a name.
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    init_names = {i.name for i in model.graph.initializer}
-
-    def conv(vi) -> TensorSpec:
-        dims = _value_info_dims(vi)
-        if any(d is None for d in dims):
-            raise ValueError(f"{path}: {vi.name} has an unnamed dynamic axis: {dims}")
-        return TensorSpec(vi.name, TensorSpec.from_onnx_dtype(vi.type.tensor_type.elem_type), dims)
-
-    return (tuple(conv(v) for v in model.graph.input if v.name not in init_names),
-            tuple(conv(v) for v in model.graph.output))
-
-
-def check_onnx_contract(path: Path, spec: NetworkSpec) -> None:
-    """Raise unless the ONNX graph's inputs/outputs are exactly ``spec``'s (names, dtypes, dims)."""
-    inputs, outputs = onnx_io(path)
-    if inputs != spec.inputs or outputs != spec.outputs:
-        raise ValueError(f"{path}: graph I/O\n  {inputs}\n  {outputs}\n"
-                         f"!= spec {spec.kind}\n  {spec.inputs}\n  {spec.outputs}")
-
-
-def onnx_initializer_hashes(path: Path) -> dict[str, str]:
-    """Initializer name -> sha256 of (dtype, dims, raw bytes), read one tensor at a time."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    out: dict[str, str] = {}
-    for tensor in _iter_initializers(model.graph):
-        h = hashlib.sha256(f"{tensor.data_type}:{tuple(tensor.dims)}:".encode())
-        h.update(_tensor_bytes(tensor, path.parent))
-        out[tensor.name] = h.hexdigest()
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# parity
-# ---------------------------------------------------------------------------------------
-
-def _ort_session(onnx_path: Path, providers: Sequence[str], threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    # parity alternates ORT and PyTorch runs: keep ORT's idle workers from spin-waiting
-    # on the cores PyTorch's OpenMP threads need
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers))
-
-
-def run_parity(module: nn.Module, onnx_path: Path, spec: NetworkSpec,
-               inputs_list: Sequence[Mapping[str, torch.Tensor]], *,
-               providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None) -> dict:
-    """Run ONNX Runtime and PyTorch on each input set; report the errors per output.
-
-    Returns ``{"max_abs_err": {output: float}, "max_rel_err": {output: float},
-    "worst_abs_err": float, "cases": [{"env": {...}, "max_abs_err": {...}}, ...]}``, where
-    the relative error is max |ort - torch| / max |torch|. Raises if an output's shape
-    differs from PyTorch's or from the spec's. ``threads``: ORT intra-op threads (default:
-    ORT's choice).
-    """
-    sess = _ort_session(onnx_path, providers, threads)
-    ort_outputs = [o.name for o in sess.get_outputs()]
-    if ort_outputs != spec.output_names:
-        raise ValueError(f"ONNX outputs {ort_outputs} != spec {spec.output_names}")
-    abs_err = {n: 0.0 for n in spec.output_names}
-    rel_err = {n: 0.0 for n in spec.output_names}
-    cases = []
-    with _eval_mode(module):
-        for inputs in inputs_list:
-            env = _check_inputs(spec, inputs)
-            ref = module(**{n: inputs[n] for n in spec.input_names})
-            ref = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
-            got = sess.run(None, {n: inputs[n].numpy() for n in spec.input_names})
-            case = {"env": env, "max_abs_err": {}}
-            for t, r, o in zip(spec.outputs, ref, got):
-                r = r.detach().float().numpy()
-                expected = t.shape(env)
-                if o.shape != r.shape or tuple(o.shape) != expected:
-                    raise ValueError(f"{spec.kind}.{t.name}: ONNX shape {o.shape}, torch {r.shape}, "
-                                     f"spec {expected} at {env}")
-                err = float(np.max(np.abs(o.astype(np.float64) - r))) if r.size else 0.0
-                scale = float(np.max(np.abs(r))) if r.size else 0.0
-                case["max_abs_err"][t.name] = err
-                abs_err[t.name] = max(abs_err[t.name], err)
-                rel_err[t.name] = max(rel_err[t.name], err / scale if scale else err)
-            cases.append(case)
-    return {"max_abs_err": abs_err, "max_rel_err": rel_err,
-            "worst_abs_err": max(abs_err.values(), default=0.0), "cases": cases}

@@ -32,7 +32,7 @@ def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path
     import onnx
     from onnx import helper, numpy_helper
 
-    from .onnx_export import consolidate_external_data, publish_onnx
+    from .onnx_files import consolidate_external_data, publish_onnx
 
     base = Path(base)
     model = onnx.load(str(base), load_external_data=False)

@@ -1,7 +1,7 @@
 """TensorRT engines from the exported ONNX files: build the W_init UNet refittable, refit variants.
 
 A UNet variant differs from W_init only in routed weights (Eq. 8), so its engine is the
-W_init engine with those weights refitted - seconds instead of a full build. Text
+W_init engine with those weights refitted instead of a full build. Text
 encoders and the VAE decoder are plain builds. Every engine is checked against ONNX
 Runtime on the spec's seeded inputs and the error is recorded in the manifest.
 
@@ -56,11 +56,11 @@ class EngineBuild:
     def __init__(self, precision: str):
         import tensorrt as trt
 
-        from .trt_session import _trt_logger
+        from .trt_session import trt_logger
 
         self.trt = trt
         self.precision = precision
-        self.logger = _trt_logger(trt)  # the process-wide logger TrtSession uses too
+        self.logger = trt_logger()  # the process-wide logger TrtSession uses too
         self.cache_path = _cache_dir() / f"trt-timing-{trt.__version__}.cache"
 
     def _config(self, builder, refittable: bool):
@@ -128,15 +128,13 @@ class EngineBuild:
 
 def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int, int]) -> float:
     """Max |TensorRT - ONNX Runtime| over the spec's outputs on seeded inputs (batch 2, or the spec's max)."""
-    import onnxruntime as ort
-
     from .onnx_export import example_inputs
+    from .ort import OrtSession
     from .trt_session import TrtSession
 
     inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=hw, batch=min(2, spec.max_batch), seed=5).items()}
     names = [t.name for t in spec.outputs]
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ref = dict(zip(names, sess.run(names, inputs)))
+    ref = OrtSession(onnx_path)(inputs)
     session = TrtSession(engine_bytes)
     try:
         got = session(inputs)

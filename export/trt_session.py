@@ -1,9 +1,10 @@
 """TensorRT engines (``model.plan``) as sessions, for the Python-backend models and the GPU benchmark.
 
-:class:`TrtSession` has :class:`~craft_serving.batching.OrtSession`'s interface (``input_names``,
-``output_names``, ``__call__(dict of numpy) -> dict of numpy``), so :func:`~craft_serving.batching.run_batched`
-and ``EngineModel`` can use either, plus :meth:`TrtSession.run_torch` on CUDA tensors without
-host copies (for DLPack tensors inside Triton, or an in-process sampling loop).
+:class:`TrtSession` has :class:`~craft_export.ort.OrtSession`'s interface (``input_names``,
+``input_ranks``, ``output_names``, ``__call__(dict of numpy) -> dict of numpy``), so the export's
+engine check, the Python-backend runners and the benchmarks can use either, plus
+:meth:`TrtSession.run_torch` on CUDA tensors without host copies (for DLPack tensors inside
+Triton, or an in-process sampling loop).
 
 How one call runs (TensorRT 10 "enqueueV3" API):
 
@@ -27,13 +28,10 @@ How one call runs (TensorRT 10 "enqueueV3" API):
   ``execute_async_v3`` on the new context (TensorRT does deferred per-shape work there); a shape
   whose capture fails falls back to eager execution for good (logged once).
 
-:class:`TrtDenoiser` is ``denoise(calls)`` for :func:`craft_ops.sampling.sample` over one session
-per UNet weight variant. Calls that need the same session are concatenated into one batched
-engine call (plain CFG: one batch-2 call); calls on different sessions (ACFG: W_init for the
-unconditional branch, W_init + gated deltas for the conditional one, Eq. 10) are enqueued on their
-sessions' own streams before either is waited for, so the two UNets run concurrently on the GPU
-(:func:`run_concurrent`). Whether that overlap pays depends on how much of the GPU one call
-leaves idle: little for SDXL at 1024 px, more for small images; ``gpu_bench.py`` measures it.
+Concurrent launches (:meth:`TrtSession.hold`, :meth:`TrtSession.launch`, :meth:`TrtLaunch.result`):
+a caller holding several sessions can enqueue a call on each before waiting for any, so the
+engines run concurrently on their own streams (``craft_serving.trt_denoiser`` does this for the
+two ACFG branches).
 
 Importing this module needs neither tensorrt nor torch; both are imported when a session is made.
 Written against the TensorRT 10 Python API (``tensorrt.IExecutionContext.set_input_shape``,
@@ -44,52 +42,46 @@ Written against the TensorRT 10 Python API (``tensorrt.IExecutionContext.set_inp
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from craft_serving.batching import _squeeze_to
+from craft_client.schema import DTYPES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrtRunnerError", "TrtSession", "TrtDenoiser", "run_concurrent"]
+__all__ = ["TrtRunnerError", "TrtSession", "TrtLaunch", "trt_logger"]
 
 
 class TrtRunnerError(RuntimeError):
     """A TensorRT engine could not be loaded or run."""
 
 
-_LOGGER = None
+@functools.cache
+def trt_logger():
+    """The process's one TensorRT logger: every builder, runtime and refitter must share it
+    (TensorRT keeps a pointer to the first logger it is given, so it must outlive them all)."""
+    import tensorrt as trt
 
-
-def _trt_logger(trt):
-    """One TensorRT logger per process (TensorRT keeps a pointer to it in every runtime)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def _torch_dtype(trt, dtype):
+    """The torch dtype of a ``tensorrt.DataType``, through the one dtype table."""
     import torch
 
-    table = {}
-    for trt_name, torch_dtype in (("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
-                                  ("INT8", torch.int8), ("UINT8", torch.uint8), ("INT32", torch.int32),
-                                  ("INT64", torch.int64), ("BOOL", torch.bool)):
-        member = getattr(trt.DataType, trt_name, None)
-        if member is not None:
-            table[member] = torch_dtype
-    try:
-        return table[dtype]
-    except KeyError:
-        raise TrtRunnerError(f"TensorRT dtype {dtype} has no torch equivalent here") from None
+    for d in DTYPES.values():
+        if d.tensorrt is not None and d.torch is not None and getattr(trt.DataType, d.tensorrt, None) == dtype:
+            return getattr(torch, d.torch)
+    raise TrtRunnerError(f"TensorRT dtype {dtype} has no torch equivalent here")
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -117,12 +109,17 @@ class _Binding:
 
 
 @dataclass
-class _Pending:
-    """An enqueued call: what must stay alive until the caller's stream has waited for it."""
+class TrtLaunch:
+    """A call enqueued by :meth:`TrtSession.launch`; it keeps its inputs alive until collected."""
 
     session: "TrtSession"
     binding: _Binding
     feeds: dict[str, Any]
+
+    def result(self, *, copy: bool = True) -> dict[str, Any]:
+        """Make the caller's stream wait for the call; its outputs (copies made on the caller's
+        stream, or with ``copy=False`` the session's buffers, valid until its next call)."""
+        return self.session._collect(self, copy=copy)
 
 
 class TrtSession:
@@ -167,6 +164,7 @@ class TrtSession:
         self.graph_warmup = max(0, int(graph_warmup))
         self.max_cached_shapes = max(1, int(max_cached_shapes))
         self._lock = threading.RLock()
+        self._owner: int | None = None  # thread inside hold()
         self._bindings: OrderedDict[ShapeKey, _Binding] = OrderedDict()
         self._context_key: ShapeKey | None = None  # the shapes last set on the eager context
         self._warned_graph = False
@@ -175,7 +173,7 @@ class TrtSession:
         with torch.cuda.device(self.device):
             free_before = torch.cuda.mem_get_info(self.device)[0]
             self.stream = torch.cuda.Stream(device=self.device)
-            self.runtime = trt.Runtime(_trt_logger(trt))
+            self.runtime = trt.Runtime(trt_logger())
             self.engine = self.runtime.deserialize_cuda_engine(blob)
             del blob
             if self.engine is None:
@@ -317,13 +315,33 @@ class TrtSession:
             else:  # Triton hands read-only arrays; torch wants writable memory to wrap
                 array = np.ascontiguousarray(value)
                 tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-            tensor = _squeeze_to(tensor, self.input_ranks[name])  # Triton's (B, 1) scalars -> (B,)
             if tensor.dim() != self.input_ranks[name]:
                 raise TrtRunnerError(f"input {name!r}: rank {tensor.dim()} != engine rank {self.input_ranks[name]}")
             feeds[name] = tensor.to(device=self.device, dtype=self.dtypes[name]).contiguous()
         return feeds
 
-    def _enqueue(self, inputs: Mapping[str, Any]) -> _Pending:
+    @contextlib.contextmanager
+    def hold(self) -> Iterator["TrtSession"]:
+        """Exclusive use of the session (re-entrant): between :meth:`launch` and
+        :meth:`TrtLaunch.result`, no other thread may run it (the output buffers are shared)."""
+        with self._lock:
+            owner, self._owner = self._owner, threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._owner = owner
+
+    def launch(self, inputs: Mapping[str, Any]) -> TrtLaunch:
+        """Enqueue one call on this session's stream without waiting for it; call inside :meth:`hold`.
+
+        Launch on several held sessions, then collect each :meth:`TrtLaunch.result`: the engines
+        overlap on the GPU.
+        """
+        if self._owner != threading.get_ident():
+            raise TrtRunnerError("TrtSession.launch needs the session held (with session.hold(): ...)")
+        return self._enqueue(inputs)
+
+    def _enqueue(self, inputs: Mapping[str, Any]) -> TrtLaunch:
         """Launch one call on this session's stream (caller holds ``self._lock``)."""
         torch = self.torch
         with torch.cuda.device(self.device):
@@ -346,7 +364,7 @@ class TrtSession:
                 self._bind(self.context, binding, feeds)
                 self._execute(self.context)
             binding.runs += 1
-            return _Pending(self, binding, feeds)
+            return TrtLaunch(self, binding, feeds)
 
     def _capture(self, binding: _Binding, feeds: Mapping[str, Any]) -> None:
         """Run this call eagerly on a fresh context and capture that context's launch into a graph."""
@@ -372,7 +390,7 @@ class TrtSession:
             return
         binding.graph, binding.graph_context, binding.static_inputs = graph, context, static
 
-    def _collect(self, pending: _Pending, copy: bool = True) -> dict[str, Any]:
+    def _collect(self, pending: TrtLaunch, copy: bool = True) -> dict[str, Any]:
         """Make the caller's stream wait for the call; copies of the outputs (made on the caller's stream)."""
         torch = self.torch
         with torch.cuda.device(self.device):
@@ -406,86 +424,3 @@ class TrtSession:
             self.context = None
             self.engine = None
             self._scratch = None
-
-
-def run_concurrent(jobs: Sequence[tuple[TrtSession, Mapping[str, Any]]], *, copy: bool = True) -> list[dict[str, Any]]:
-    """Run each (session, inputs) job, all enqueued before any is waited for; outputs in job order.
-
-    Sessions must be distinct (a session runs one call at a time: concatenate its inputs along
-    the batch axis instead). Each session runs on its own stream, so the GPU may overlap them.
-    Locks are taken in a fixed order, so concurrent callers cannot deadlock.
-    """
-    sessions = [s for s, _ in jobs]
-    if len({id(s) for s in sessions}) != len(sessions):
-        raise ValueError("run_concurrent: each session may appear once; batch its inputs instead")
-    ordered = sorted(sessions, key=id)
-    for s in ordered:
-        s._lock.acquire()
-    try:
-        pending = [s._enqueue(inputs) for s, inputs in jobs]
-        return [p.session._collect(p, copy=copy) for p in pending]
-    finally:
-        for s in reversed(ordered):
-            s._lock.release()
-
-
-def _unet_inputs(call) -> dict[str, Any]:
-    from craft_ops.conditioning import unet_inputs
-
-    return unet_inputs(call.x, call.t, call.cond)
-
-
-class TrtDenoiser:
-    """``denoise(calls) -> [eps, ...]`` for :func:`craft_ops.sampling.sample` over TensorRT UNet sessions.
-
-    ``sessions``: ``{Variant: TrtSession}`` or a callable ``Variant -> TrtSession``. Calls needing
-    the same session are concatenated along the batch axis (CFG: one batch-2 call); different
-    sessions (ACFG's two weight sets) run concurrently on their own streams when ``concurrent``.
-    Each ``eps`` comes back on the device and in the dtype of its call's ``x`` (float32 CPU
-    latents, as the reference loop uses, get a host copy; CUDA latents stay on the GPU).
-    """
-
-    def __init__(self, sessions: Mapping[Any, TrtSession] | Callable[[Any], TrtSession], *,
-                 concurrent: bool = True, output: str = "noise_pred"):
-        self._lookup = sessions.__getitem__ if isinstance(sessions, Mapping) else sessions
-        self.concurrent = concurrent
-        self.output = output
-
-    def __call__(self, calls: Sequence[Any]) -> list[Any]:
-        import torch
-
-        groups: dict[int, tuple[TrtSession, list[int]]] = {}
-        for i, call in enumerate(calls):
-            session = self._lookup(call.variant)
-            groups.setdefault(id(session), (session, []))[1].append(i)
-        jobs, members = [], []
-        for session, indices in groups.values():
-            per_call = [_unet_inputs(calls[i]) for i in indices]
-            if len(indices) > 1 and _same_item_shapes(per_call):
-                jobs.append((session, {n: torch.cat([p[n] for p in per_call]) for n in per_call[0]}))
-                members.append(indices)
-            else:  # different shapes: one job each (run in turn below)
-                for i, p in zip(indices, per_call):
-                    jobs.append((session, p))
-                    members.append([i])
-        results = self._run(jobs)
-        eps: list[Any] = [None] * len(calls)
-        for indices, out in zip(members, results):
-            offset = 0
-            for i in indices:
-                n = calls[i].x.shape[0]
-                eps[i] = out[self.output][offset: offset + n].to(device=calls[i].x.device, dtype=calls[i].x.dtype)
-                offset += n
-        return eps
-
-    def _run(self, jobs):
-        distinct = len({id(s) for s, _ in jobs}) == len(jobs)
-        if self.concurrent and len(jobs) > 1 and distinct:
-            return run_concurrent(jobs)
-        return [session.run_torch(inputs) for session, inputs in jobs]
-
-
-def _same_item_shapes(inputs: Sequence[Mapping[str, Any]]) -> bool:
-    first = inputs[0]
-    return all(set(p) == set(first) and all(tuple(p[n].shape[1:]) == tuple(first[n].shape[1:]) for n in first)
-               for p in inputs[1:])

@@ -2,57 +2,35 @@
 
 Per step the conditional branch runs W_init plus the routed, gated deltas of that step
 (Eq. 8-9) and the unconditional branch runs W_init (Eq. 10); ACFG combines them (Eq. 11).
-Variant weights are computed once (fp32, cast back) and swapped in with
-``torch.func.functional_call``, so the loaded UNet itself is never modified.
+Variant weights are computed once (fp32, cast back; :class:`craft_export.bake.VariantBaker`) and
+swapped in with ``torch.func.functional_call``, so the loaded UNet itself is never modified.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from craft_ops.aggregate import Variant, aggregate, routed_deltas
-from craft_ops.lora import LoraAdapter
+from craft_export.bake import VariantBaker
+from craft_export.loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
+from craft_export.networks import pipeline_nets
+from craft_export.recipe import Recipe
+from craft_export.recipe_models import LoadedLora, load_recipe_models
+from craft_ops.aggregate import Variant
+from craft_ops.conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
 from craft_ops.request import Defaults, GenerateRequest, Limits, LoraInfo, Plan, plan_request
 from craft_ops.routing import Routing
 from craft_ops.sampling import UNetCall
 
-from craft_ops.conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
-from craft_export.loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
-from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
-from craft_export.recipe import Recipe
-
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedLora", "ReferencePipeline", "variant_weights"]
-
-
-@dataclass(frozen=True)
-class LoadedLora:
-    name: str
-    kind: str
-    adapter: LoraAdapter
-    gammas: tuple[float, ...] | None = None
-
-
-def variant_weights(
-    W_init: Mapping[str, torch.Tensor],
-    variant: Variant,
-    deltas: Mapping[str, Mapping[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    """Module -> weight for the modules a variant changes (Eq. 8); empty for W_init."""
-    if variant.is_base:
-        return {}
-    c = deltas[variant.content] if variant.content else {}
-    s = deltas[variant.style] if variant.style else {}
-    merged = aggregate(W_init, c, s, variant.gamma_c, variant.gamma_s, name=str(variant))
-    return {m: merged[m] for m in (*c, *s)}
+__all__ = ["ReferencePipeline"]
 
 
 class ReferencePipeline:
@@ -66,25 +44,19 @@ class ReferencePipeline:
         self.loras = {lora.name: lora for lora in loras}
         self.defaults = defaults or Defaults()
         self.limits = limits or Limits()
-        self.unet = UNetNet(parts.unet)
-        self.text_encoders = [
-            TextEncoderNet(enc, penultimate=self.arch == "sdxl", pooled=i == 1)
-            for i, enc in enumerate(parts.text_encoders)
-        ]
-        self.vae = VaeDecoderNet(parts.vae)
+        nets = pipeline_nets(parts)
+        self.unet, self.text_encoders, self.vae = nets.unet, nets.text_encoders, nets.vae
         self.shapes = unet_module_shapes(parts.unet)
         self.W_init = unet_weights(parts.unet)
         routing.check_against(list(self.shapes))
-        self._deltas: dict[str, dict[str, torch.Tensor]] = {}
-        self._params: dict[Variant, dict[str, torch.Tensor]] = {}
+        self.baker = VariantBaker(self.W_init, self.shapes, routing, loras)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, limits: Limits | None = None) -> "ReferencePipeline":
-        parts = load_pipeline_parts(recipe.base, backbone=recipe.backbone)
-        shapes = unet_module_shapes(parts.unet)
-        loras = [LoadedLora(spec.name, spec.kind, load_lora(spec.path, shapes, name=spec.name)[0])
-                 for spec in recipe.loras]
-        return cls(parts, recipe.routing, loras, recipe.defaults(parts.arch), limits)
+    def from_recipe(cls, recipe: Recipe | Path | str, *, limits: Limits | None = None) -> "ReferencePipeline":
+        """A pipeline from a recipe (file); every gate value in [0, 1] is allowed, baked or not."""
+        models = load_recipe_models(recipe)
+        loras = [dataclasses.replace(lora, gammas=None) for lora in models.loras.values()]
+        return cls(models.parts, models.recipe.routing, loras, models.recipe.defaults(models.parts.arch), limits)
 
     @classmethod
     def from_folder(cls, path: Path, routing: Routing, loras: Mapping[str, tuple[str, Path]] = {}) -> "ReferencePipeline":
@@ -101,22 +73,11 @@ class ReferencePipeline:
 
     def routed(self, name: str) -> dict[str, torch.Tensor]:
         """fp32 deltas of one LoRA inside its own layer set (Eq. 7), cached."""
-        if name not in self._deltas:
-            lora = self.loras[name]
-            self._deltas[name] = routed_deltas(lora.adapter, lora.kind, self.routing, self.shapes)
-        return self._deltas[name]
+        return self.baker.routed(name)
 
-    def params_for(self, variant: Variant, *, cache: bool = True) -> dict[str, torch.Tensor]:
-        """``functional_call`` overrides (``unet.<module>.weight``) for a variant; cached unless
-        ``cache=False`` (the exporter bakes each variant once)."""
-        if variant in self._params:
-            return self._params[variant]
-        deltas = {n: self.routed(n) for n in (variant.content, variant.style) if n}
-        weights = variant_weights(self.W_init, variant, deltas)
-        params = {f"unet.{m}.weight": w for m, w in weights.items()}
-        if cache:
-            self._params[variant] = params
-        return params
+    def params_for(self, variant: Variant) -> dict[str, torch.Tensor]:
+        """``functional_call`` overrides (``unet.<module>.weight``) for a variant, cached."""
+        return self.baker.params_for(variant)
 
     # -- networks --------------------------------------------------------------------------
 

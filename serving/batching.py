@@ -1,4 +1,4 @@
-"""Engine runners for Python-backend Triton models (machines without native ORT/TensorRT backends).
+"""Batching for the Python-backend engine runners (machines without native ORT/TensorRT backends).
 
 Triton hands a Python model a list of requests (several when dynamic batching gathers
 them); :func:`run_batched` concatenates the requests whose non-batch shapes agree, runs
@@ -8,56 +8,13 @@ the session once per group, and splits the outputs back per request.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["OrtSession", "run_batched"]
+__all__ = ["run_batched"]
 
 Batch = Mapping[str, np.ndarray]
-
-
-class OrtSession:
-    """An ONNX Runtime session over ``model.onnx`` (external data beside it)."""
-
-    def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # many sessions share few cores (one per Triton model): idle pool threads must sleep, not spin
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def _rank(self, name: str, array: np.ndarray) -> np.ndarray:
-        return _squeeze_to(array, self.input_ranks[name])
-
-    def __call__(self, inputs: Batch) -> dict[str, np.ndarray]:
-        feeds = {name: self._rank(name, inputs[name]) for name in self.input_names}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-
-    def run_torch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """:class:`~craft_export.trt_session.TrtSession`'s torch interface: CPU torch tensors in and out."""
-        import torch
-
-        out = self({name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-                    for name, value in inputs.items()})
-        return {name: torch.from_numpy(array) for name, array in out.items()}
-
-
-def _squeeze_to(array: np.ndarray, rank: int) -> np.ndarray:
-    """Triton's per-item scalars arrive as (B, 1) where the graph takes (B,)."""
-    while array.ndim > rank and array.shape[-1] == 1:
-        array = array.reshape(array.shape[:-1])
-    return array
 
 
 def _shape_key(inputs: Batch) -> tuple:

@@ -1,46 +1,25 @@
-"""``manifest.json``: what a model repository holds, written atomically and read defensively.
+"""Reading ``manifest.json`` defensively: the typed view of a model repository the server runs on.
 
-The server reads only this file to learn the architecture, the LoRA catalogue, which
-Triton model holds which weight variant, the request defaults and the size limits.
+The file's schema and its writer are :mod:`craft_export.manifest_schema`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from craft_export.manifest_schema import FORMAT_VERSION, MANIFEST, EngineInfo, LoraRecord
 from craft_ops.aggregate import Variant
 from craft_ops.request import Defaults, Limits, LoraInfo
 
-from craft_export.plan import FORMAT_VERSION
-
-__all__ = ["ManifestError", "RepoView", "read_manifest", "write_json_atomic", "inside"]
-
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "ManifestError", "RepoView", "read_manifest", "inside"]
 
 
 class ManifestError(ValueError):
     """A manifest that is missing, from another format version, or inconsistent."""
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename over it: readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def inside(root: Path, relative: str) -> Path:
@@ -69,7 +48,13 @@ class RepoView:
     networks: Mapping[str, str]  # "text_encoder", "text_encoder_2", "vae_decoder" -> model name
     assets: Mapping[str, Path]  # "tokenizer", "tokenizer_2", "scheduler_config" -> file/folder
     pairs: tuple[tuple[str, str], ...]
-    raw: Mapping[str, Any]
+    loras: tuple[LoraRecord, ...]
+    engine: EngineInfo
+    latent_scale: int
+    latent_channels: int
+    runtime: str | None  # "onnxruntime" | "tensorrt"
+    precision: str | None
+    runner: str | None  # "native" | "python"
 
     def model_for(self, variant: Variant) -> str | None:
         return self.variants.get(variant)
@@ -88,27 +73,31 @@ def read_manifest(root: Path) -> RepoView:
     if raw.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
-        catalog = {
-            e["name"]: LoraInfo(e["name"], e["kind"], tuple(float(g) for g in e["gammas"]))
-            for e in raw["loras"]
-        }
-        variants = {_variant(e): e["model"] for e in raw["variants"]}
-        d = raw["defaults"]
-        defaults = Defaults(
-            steps=int(d["steps"]), guidance=float(d["guidance"]), scheduler=d["scheduler"],
-            height=int(d["height"]), width=int(d["width"]), mode=d["mode"],
-            content_window=tuple(d["content_window"]), style_window=tuple(d["style_window"]),
-        )
-        e = raw["engine"]
-        limits = Limits(min_hw=(e["min_size"], e["min_size"]), max_hw=(e["max_size"], e["max_size"]),
-                        multiple=int(e.get("multiple", 8)), max_prompts=int(e["max_batch"]))
-        networks = dict(raw["networks"])
-        assets = {k: inside(root, v) for k, v in raw["assets"].items()}
-        pairs = tuple((p[0], p[1]) for p in raw.get("pairs", []))
+        return _view(root, raw)
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):
             raise
         raise ManifestError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
+    loras = tuple(LoraRecord.from_json(e) for e in raw["loras"])
+    catalog = {r.name: LoraInfo(r.name, r.kind, r.gammas) for r in loras}
+    variants = {_variant(e): e["model"] for e in raw["variants"]}
+    d = raw["defaults"]
+    defaults = Defaults(
+        steps=int(d["steps"]), guidance=float(d["guidance"]), scheduler=d["scheduler"],
+        height=int(d["height"]), width=int(d["width"]), mode=d["mode"],
+        content_window=tuple(d["content_window"]), style_window=tuple(d["style_window"]),
+    )
+    engine = EngineInfo.from_json(raw["engine"])
+    limits = Limits(min_hw=(engine.min_size, engine.min_size), max_hw=(engine.max_size, engine.max_size),
+                    multiple=engine.multiple, max_prompts=engine.max_batch)
+    networks = dict(raw["networks"])
+    assets = {k: inside(root, v) for k, v in raw["assets"].items()}
+    pairs = tuple((p[0], p[1]) for p in raw.get("pairs", []))
     for name in list(variants.values()) + list(networks.values()):
         inside(root, name)
-    return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, raw)
+    return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, loras, engine,
+                    latent_scale=int(raw.get("latent_scale", 8)), latent_channels=int(raw.get("latent_channels", 4)),
+                    runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"))

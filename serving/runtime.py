@@ -1,10 +1,10 @@
 """The serving pipeline behind ``craft_pipeline``: request tensors -> images, networks via BLS.
 
-Nothing here imports Triton: the model file hands in ``infer_many``, a callable that runs
-several network calls (concurrently where it can) and returns their outputs, so the same
-code runs inside Triton (BLS) or against any other runner. The request loop is
-:func:`.conditioning.run_plan` over ``craft_ops.sampling.sample`` - the exact loop the
-PyTorch reference runs.
+Nothing here imports Triton or knows its tensor layouts: the glue (:mod:`.triton_model`) hands
+in ``infer_many``, a callable that runs several network calls (concurrently where it can) and
+returns their outputs with the networks' own shapes, so the same code runs inside Triton (BLS)
+or against any other runner. The request loop is :func:`craft_ops.conditioning.run_plan` over
+``craft_ops.sampling.sample`` - the exact loop the PyTorch reference runs.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from craft_client.schema import NUMPY_DTYPES, REQUEST_INPUTS
+from craft_client.schema import DTYPES, REQUEST_INPUTS
 from craft_ops.aggregate import BASE
+from craft_ops.conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
 from craft_ops.request import GenerateRequest, Plan, RequestError, plan_request
 from craft_ops.sampling import UNetCall, step_variants
 
-from craft_ops.conditioning import build_conditioning, run_plan, tokenize, to_uint8, unet_inputs
 from .manifest import RepoView, read_manifest
 
 __all__ = [
@@ -73,14 +73,14 @@ def _scalar(arrays: Mapping[str, np.ndarray], name: str):
     if flat.size != dims[0]:
         raise RequestError(name, np.asarray(arr).tolist(), f"must hold {dims[0]} value(s), got shape {list(np.shape(arr))}")
     kind = flat.dtype.kind
-    if dtype == "TYPE_STRING":
+    if dtype == "BYTES":
         if kind not in "OSU":
             raise RequestError(name, flat.tolist(), "must be BYTES")
         values = [_text(v) for v in flat]
         return values[0] if dims[0] == 1 else values
-    want = np.dtype(NUMPY_DTYPES[dtype][0]).kind
+    want = np.dtype(DTYPES[dtype].numpy).kind
     if want == "i" and kind not in "iu":
-        raise RequestError(name, flat.tolist(), f"must be {dtype[5:]}")
+        raise RequestError(name, flat.tolist(), f"must be {dtype}")
     if want == "f" and kind not in "f":
         raise RequestError(name, flat.tolist(), "must be FP32")
     values = [v.item() for v in flat]
@@ -128,8 +128,8 @@ class PipelineRuntime:
         names = ["tokenizer", "tokenizer_2"] if repo.arch == "sdxl" else ["tokenizer"]
         self.tokenizers = [CLIPTokenizer.from_pretrained(repo.assets[n]) for n in names]
         self.scheduler_config = json.loads(Path(repo.assets["scheduler_config"]).read_text())
-        self.latent_scale = int(repo.raw.get("latent_scale", 8))
-        self.latent_channels = int(repo.raw.get("latent_channels", 4))
+        self.latent_scale = repo.latent_scale
+        self.latent_channels = repo.latent_channels
 
     @classmethod
     def from_repository(cls, root: Path, infer_many: InferMany, device: str = "cpu") -> "PipelineRuntime":
@@ -164,11 +164,8 @@ class PipelineRuntime:
 
         ``plan`` has checked that every variant the loop asks for has a model.
         """
-        net_calls = []
-        for c in calls:
-            inputs = dict(unet_inputs(c.x, c.t, c.cond))
-            inputs["timestep"] = inputs["timestep"].reshape(-1, 1)  # per-item scalar: dims [1] in config.pbtxt
-            net_calls.append(NetCall(self.repo.variants[c.variant], inputs, ("noise_pred",)))
+        net_calls = [NetCall(self.repo.variants[c.variant], unet_inputs(c.x, c.t, c.cond), ("noise_pred",))
+                     for c in calls]
         return [o["noise_pred"] for o in self.infer_many(net_calls)]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -195,24 +192,3 @@ class PipelineRuntime:
         images = run_plan(plan, self.encode, self.denoise, self.decode, latent_shape, self.scheduler_config,
                           device=self.device, callback=callback)
         return images, plan
-
-
-_STREAM_OUTPUTS = (("step", "TYPE_INT32", [1]), ("total_steps", "TYPE_INT32", [1]), ("preview", "TYPE_UINT8", [-1, -1, -1, 3]))
-
-
-def pipeline_config(name: str, *, streaming: bool, instances: int = 4, workers: int = 4) -> str:
-    """``config.pbtxt`` of the pipeline models, generated from :data:`REQUEST_INPUTS`."""
-    lines = [f'name: "{name}"', 'backend: "python"', "max_batch_size: 0", ""]
-    for inp, (dtype, dims, required) in REQUEST_INPUTS.items():
-        optional = "" if required else "\n  optional: true"
-        lines.append(f'input {{\n  name: "{inp}"\n  data_type: {dtype}\n  dims: {dims}{optional}\n}}')
-    outputs = [("image", "TYPE_UINT8", [-1, -1, -1, 3]), ("notes", "TYPE_STRING", [-1])]
-    if streaming:
-        outputs += list(_STREAM_OUTPUTS)
-    for out, dtype, dims in outputs:
-        lines.append(f'output {{\n  name: "{out}"\n  data_type: {dtype}\n  dims: {dims}\n}}')
-    if streaming:
-        lines.append("model_transaction_policy {\n  decoupled: true\n}")
-    lines.append(f"instance_group [\n  {{\n    count: {1 if streaming else instances}\n    kind: KIND_CPU\n  }}\n]")
-    lines.append(f'parameters {{\n  key: "workers"\n  value: {{ string_value: "{workers}" }}\n}}')
-    return "\n".join(lines) + "\n"

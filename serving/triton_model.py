@@ -7,8 +7,12 @@ so it is handed in rather than imported here.
   ``craft_pipeline_stream`` (decoupled: progress messages, then the image). Each request
   runs the synchronous pipeline in a worker thread; its network calls go back to the
   stub's event loop as BLS ``async_exec`` calls, both ACFG branches in flight at once.
-* :class:`EngineModel` - a network (ONNX Runtime session) served as a Python model, with
-  the requests Triton batched together run as one session call.
+* :class:`EngineModel` - a network (ONNX Runtime session, or a TensorRT plan on a GPU) served
+  as a Python model, with the requests Triton batched together run as one session call.
+* :class:`CatalogModel` - ``craft_catalog``: the manifest's catalogue as JSON.
+
+Triton's tensor layouts stay here: a per-item scalar, ``(B,)`` to the networks, is ``dims: [1]``
+in ``config.pbtxt`` (:func:`craft_export.triton_config.config_pbtxt`), so it travels as ``(B, 1)``.
 """
 
 from __future__ import annotations
@@ -24,14 +28,27 @@ import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
+from craft_export.ort import OrtSession
+from craft_ops.conditioning import to_uint8
 from craft_ops.request import RequestError
 
-from .manifest import MANIFEST, ManifestError, read_manifest
-from craft_ops.conditioning import to_uint8
+from .batching import run_batched
+from .manifest import MANIFEST, ManifestError, RepoView, read_manifest
 from .runtime import Cancelled, NetCall, PipelineRuntime, request_from_arrays
-from .batching import OrtSession, run_batched
 
-__all__ = ["PipelineSettings", "PipelineModel", "EngineModel"]
+__all__ = ["PipelineSettings", "PipelineModel", "EngineModel", "CatalogModel", "catalog"]
+
+
+def to_wire(value):
+    """A network's per-item scalar input ``(B,)`` as Triton carries it: ``(B, 1)`` (``dims: [1]``)."""
+    return value.reshape(-1, 1) if value.ndim == 1 else value
+
+
+def from_wire(value, rank: int):
+    """Triton's ``(B, 1)`` per-item scalars back to the ``(B,)`` a graph of that rank takes."""
+    while value.ndim > rank and value.shape[-1] == 1:
+        value = value.reshape(value.shape[:-1])
+    return value
 
 
 class BlsError(RuntimeError):
@@ -89,7 +106,7 @@ class PipelineModel:
         self._manifest_stamp = _stamp(repo)
         self._rejected_stamp: tuple[int, int] | None = None
         view = read_manifest(repo)
-        self.settings = PipelineSettings.from_args(args, repo, view.raw.get("runtime"))
+        self.settings = PipelineSettings.from_args(args, repo, view.runtime)
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
         # manifest re-reads and model loads run here, one at a time, never on the event loop
         # (in-flight requests' BLS calls keep flowing while a new variant loads)
@@ -171,7 +188,7 @@ class PipelineModel:
             torch.cuda.current_stream().synchronize()  # DLPack consumers do not follow stream order
         requests = [
             pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs),
-                                inputs=[self._tensor(k, v) for k, v in c.inputs.items()], **self._bls_extra)
+                                inputs=[self._tensor(k, to_wire(v)) for k, v in c.inputs.items()], **self._bls_extra)
             for c in calls
         ]
         responses = await asyncio.gather(*(r.async_exec() for r in requests))
@@ -301,8 +318,10 @@ class EngineModel:
             self.session = OrtSession(self.settings.model_dir / "model.onnx", threads=self.settings.threads)
         self._dlpack = self.settings.io == "dlpack"
 
-    def _input(self, tensor):
-        return from_dlpack(tensor.to_dlpack()) if self._dlpack else tensor.as_numpy()
+    def _input(self, name: str, tensor):
+        value = from_dlpack(tensor.to_dlpack()) if self._dlpack else tensor.as_numpy()
+        rank = self.session.input_ranks.get(name)
+        return value if rank is None else from_wire(value, rank)
 
     def _output(self, name: str, value):
         if self._dlpack:
@@ -325,7 +344,7 @@ class EngineModel:
             for name in self.settings.inputs:
                 tensor = pb.get_input_tensor_by_name(request, name)
                 if tensor is not None:
-                    arrays[name] = self._input(tensor)
+                    arrays[name] = self._input(name, tensor)
             missing = [n for n in self.session.input_names if n not in arrays]
             if missing:
                 errors[i] = pb.TritonError(f"missing input {missing[0]!r}", pb.TritonError.INVALID_ARG)
@@ -346,19 +365,18 @@ class EngineModel:
         return responses
 
 
-def catalog(repo: Path) -> dict:
+def catalog(repo: Path | RepoView) -> dict:
     """The client-facing part of a manifest: LoRAs, pairs, defaults, limits."""
-    view = read_manifest(repo)
-    raw = view.raw
+    view = repo if isinstance(repo, RepoView) else read_manifest(repo)
     return {
         "arch": view.arch,
-        "loras": [{k: e[k] for k in ("name", "kind", "gammas", "rank", "format", "sha256", "coverage") if k in e}
-                  for e in raw["loras"]],
+        "loras": [{"name": r.name, "kind": r.kind, "gammas": list(r.gammas), "rank": r.rank, "format": r.format,
+                   "sha256": r.sha256, "coverage": dict(r.coverage)} for r in view.loras],
         "pairs": [list(p) for p in view.pairs],
-        "defaults": raw["defaults"],
-        "engine": raw["engine"],
-        "runtime": raw.get("runtime"),
-        "precision": raw.get("precision"),
+        "defaults": dict(sorted(view.defaults.as_dict().items())),  # key order as in manifest.json
+        "engine": dict(sorted(view.engine.to_json().items())),
+        "runtime": view.runtime,
+        "precision": view.precision,
     }
 
 

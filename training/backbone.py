@@ -1,22 +1,7 @@
 """Rank-FT: train the rank-constrained W_init backbone (CRAFT-LoRA Eq. 1-4).
 
-Layers. The Rank-FT layers are the attention projections of every transformer block
-(``attn1`` / ``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``: the modules the LoRAs
-adapt), one layer per ``nn.Linear``, numbered l = 1..L in UNet *forward* order (down
-blocks, mid block, up blocks; inside a block in module order). Eq. 2 gives layer l the
-rank ``r_l = r_max - (l-1)/(L-1) (r_max - r_min)``, capped at the layer's ``d_in``.
-
-Bases. Each layer has a learnable content basis ``B_c`` and style basis ``B_s``
-(``d_in x r_l``, init ``N(0, 1/d_in)``); QR with a sign fix gives orthonormal ``Q``
-(Eq. 1). The projection acts on the input side: ``W = W0 - W0 Q Q^T``.
-
-Data. Every content image x every style image is a pair. Each image is split in
-frequency with a Gaussian low-pass ``H(f) = exp(-|f|^2 / (2 (sigma f_N)^2))``, where
-``|f|`` is the radial frequency in cycles per pixel and ``f_N = 0.5`` the Nyquist
-frequency, so ``--sigma`` is the filter's standard deviation as a fraction of Nyquist
-(the paper's "normalised cutoff", default 0.35). Content = low-pass of the content image,
-style = high-pass residual (image - low-pass) of the style image, in [-1, 1] pixel units
-(0 = mid grey). The filter runs in the FFT domain on a reflect-padded image.
+Layers, bases and the frequency split are in :mod:`.rankft_bases`; checkpoints in
+:mod:`.checkpoint`. Every content image x every style image is a pair.
 
 Objective (the paper leaves it unspecified; the reference multiplies a placeholder by 0):
 
@@ -45,12 +30,9 @@ Optimiser: AdamW, weight decay 0 (``Q`` does not depend on the scale of ``B``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import re
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -59,15 +41,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from craft_ops.rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
-
 from craft_export.loading import unet_weights
+from craft_ops.rankft import projection_residual
+
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .common import (
-    ATTENTION_SUFFIXES,
     NoiseSchedule,
-    TrainError,
-    check_positive,
-    check_resolution,
+    Progress,
     compute_dtype,
     denoising_loss,
     encode_latents,
@@ -76,87 +56,20 @@ from .common import (
     frozen_unet,
     list_images,
     load_image,
-    progress,
     training_device,
 )
+from .config import BackboneConfig
+from .rankft_bases import LayerSpec, RankFTBases, frequency_split, layer_specs
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BackboneConfig",
     "BackboneResult",
-    "LayerSpec",
-    "RankFTBases",
     "RankFTData",
     "RankFTTrainer",
-    "frequency_split",
-    "target_layers",
-    "layer_specs",
     "train_backbone",
 ]
-
-_CHECKPOINT = "checkpoint"
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Settings of one Rank-FT run (``craft train-backbone``), validated once."""
-
-    base: Path
-    content_images: Path
-    style_images: Path
-    out: Path
-    r_max: int = 128
-    r_min: int = 4
-    steps: int = 500
-    lr: float = 1e-3
-    resolution: int = 512
-    sigma: float = 0.35
-    batch_size: int = 1
-    mixed_precision: str = "no"
-    seed: int = 0
-    checkpoint_every: int = 100  # 0: only at the end
-    resume: bool = False
-    lambda_orth: float = 0.1
-    eval_pairs: int = 4
-    eval_timesteps: int = 4
-    evaluate: bool = True
-    targets: tuple[str, ...] = ATTENTION_SUFFIXES
-
-    def __post_init__(self) -> None:
-        for name in ("base", "content_images", "style_images", "out"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
-        check_positive(self.r_max, "--r-max")
-        check_positive(self.r_min, "--r-min")
-        if self.r_min > self.r_max:
-            raise TrainError(f"--r-min ({self.r_min}) must not exceed --r-max ({self.r_max})")
-        check_positive(self.steps, "--steps")
-        check_positive(self.lr, "--lr", integer=False)
-        check_resolution(self.resolution)
-        check_positive(self.sigma, "--sigma", integer=False)
-        check_positive(self.batch_size, "--batch-size")
-        every = self.checkpoint_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise TrainError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
-        if not math.isfinite(self.lambda_orth) or self.lambda_orth < 0:
-            raise TrainError(f"lambda_orth must be a finite number >= 0, got {self.lambda_orth!r}")
-        check_positive(self.eval_pairs, "eval_pairs")
-        check_positive(self.eval_timesteps, "eval_timesteps")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BackboneConfig":
-        return cls(
-            base=args.base, content_images=args.content_images, style_images=args.style_images, out=args.out,
-            r_max=args.r_max, r_min=args.r_min, steps=args.steps, lr=args.lr, resolution=args.resolution,
-            sigma=args.sigma, batch_size=args.batch_size, mixed_precision=args.mixed_precision, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, resume=args.resume,
-        )
-
-    def fingerprint(self) -> dict:
-        """The settings a checkpoint must share with a run that resumes it."""
-        skip = {"out", "steps", "checkpoint_every", "resume", "evaluate"}
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
-        return json.loads(json.dumps(data, default=lambda v: str(Path(v).resolve())))
 
 
 @dataclass(frozen=True)
@@ -167,131 +80,6 @@ class BackboneResult:
     train_seconds: float
     eval_start: float
     eval_end: float
-
-
-# -- data: frequency split ----------------------------------------------------------------------
-
-
-def frequency_split(x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Content = Gaussian low-pass with std ``sigma * Nyquist``, style = residual (Rank-FT data)."""
-    _, _, H, W = x.shape  # (N, C, H, W)
-    ph, pw = H // 2, W // 2
-    padded = torch.nn.functional.pad(x.float(), (pw, pw, ph, ph), mode="reflect")
-    Hp, Wp = padded.shape[-2:]
-    fy = torch.fft.fftfreq(Hp).reshape(-1, 1)  # cycles / pixel, Nyquist = 0.5
-    fx = torch.fft.rfftfreq(Wp).reshape(1, -1)
-    std = sigma * 0.5
-    gain = torch.exp(-(fy ** 2 + fx ** 2) / (2.0 * std ** 2))  # (Hp, Wp // 2 + 1)
-    low = torch.fft.irfft2(torch.fft.rfft2(padded) * gain, s=(Hp, Wp))[..., ph:ph + H, pw:pw + W]
-    return low, x.float() - low
-
-
-# -- layers and bases --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One Rank-FT layer: module name, input dimension and rank r_l (Eq. 2)."""
-
-    name: str
-    d_in: int
-    r: int
-
-
-def _forward_key(name: str) -> tuple[int, int]:
-    """(stage, block): down blocks, then the mid block, then up blocks."""
-    m = re.match(r"^(down_blocks|mid_block|up_blocks)(?:\.(\d+))?", name)
-    if m is None:
-        return (3, 0)
-    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[m[1]]
-    return stage, int(m[2] or 0)
-
-
-def target_layers(unet: nn.Module, suffixes: Sequence[str] = ATTENTION_SUFFIXES) -> list[str]:
-    """Names of the targeted ``nn.Linear`` modules in UNet forward order."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(tuple(suffixes))]
-    return sorted(names, key=_forward_key)  # stable: module order inside a block
-
-
-def layer_specs(
-    unet: nn.Module, r_max: int, r_min: int, suffixes: Sequence[str] = ATTENTION_SUFFIXES
-) -> list[LayerSpec]:
-    """Rank-FT layers with the hierarchical rank of Eq. 2, capped at ``d_in``."""
-    names = target_layers(unet, suffixes)
-    if not names:
-        raise TrainError(f"the UNet has no modules ending in {list(suffixes)}")
-    modules = dict(unet.named_modules())
-    ranks = rank_schedule(len(names), r_max, r_min)
-    specs = [LayerSpec(n, modules[n].in_features, min(r, modules[n].in_features)) for n, r in zip(names, ranks)]
-    covered = [s.name for s in specs if 2 * s.r >= s.d_in]
-    if covered:
-        log.warning("%d layers have r_c + r_s >= d_in (e.g. %s): the merged subspace can cover their whole "
-                    "input space and zero them in W_init; lower --r-max", len(covered), covered[0])
-    return specs
-
-
-class RankFTBases(nn.Module):
-    """Learnable content and style bases ``B`` per layer; ``Q = QR(B)`` (Eq. 1, 3)."""
-
-    def __init__(self, layers: Sequence[LayerSpec], generator: torch.Generator):
-        super().__init__()
-        self.layers = list(layers)
-        init = [torch.randn(s.d_in, s.r, generator=generator) / math.sqrt(s.d_in) for s in self.layers for _ in "cs"]
-        self.B_c = nn.ParameterList([nn.Parameter(b) for b in init[0::2]])
-        self.B_s = nn.ParameterList([nn.Parameter(b) for b in init[1::2]])
-
-    def _bases(self, kind: str) -> nn.ParameterList:
-        return {"content": self.B_c, "style": self.B_s}[kind]
-
-    def Q(self, kind: str) -> list[torch.Tensor]:
-        """Orthonormal ``Q_l`` (d_in, r_l) of every layer for ``content`` / ``style``."""
-        return [orthonormal_basis(B) for B in self._bases(kind)]
-
-    def projected(self, kind: str, W0: Mapping[str, torch.Tensor],
-                  Q: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """``functional_call`` overrides ``unet.<m>.weight = W0 - W0 Q Q^T`` (Eq. 1).
-
-        ``Q``: the bases of ``kind`` when the caller already has them (else computed here).
-        """
-        Q = self.Q(kind) if Q is None else Q
-        return {f"unet.{s.name}.weight": projection_residual(W0[s.name], q) for s, q in zip(self.layers, Q)}
-
-    def overlap(self, Q_c: Sequence[torch.Tensor] | None = None,
-                Q_s: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """``L_orth = mean_l ||Q_c^T Q_s||_F^2 / min(r_c, r_s)`` in [0, 1] (bases computed if not given)."""
-        Q_c = self.Q("content") if Q_c is None else Q_c
-        Q_s = self.Q("style") if Q_s is None else Q_s
-        terms = [(Qc.T @ Qs).pow(2).sum() / min(Qc.shape[1], Qs.shape[1]) for Qc, Qs in zip(Q_c, Q_s)]
-        return torch.stack(terms).mean()
-
-    @torch.no_grad()
-    def merged(self) -> dict[str, torch.Tensor]:
-        """``Q_merged = QR([Q_c | Q_s])`` per layer (Eq. 3-4)."""
-        return {s.name: merged_basis(Qc, Qs) for s, Qc, Qs in zip(self.layers, self.Q("content"), self.Q("style"))}
-
-    def raw_state(self) -> dict[str, torch.Tensor]:
-        """The learnable ``B`` tensors, keyed ``B_c.<module>`` / ``B_s.<module>``."""
-        out = {}
-        for prefix, bases in (("B_c", self.B_c), ("B_s", self.B_s)):
-            out.update({f"{prefix}.{s.name}": B.detach().cpu().contiguous() for s, B in zip(self.layers, bases)})
-        return out
-
-    @torch.no_grad()
-    def load_raw_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for prefix, bases in (("B_c", self.B_c), ("B_s", self.B_s)):
-            for s, B in zip(self.layers, bases):
-                key = f"{prefix}.{s.name}"
-                if key not in tensors or tuple(tensors[key].shape) != tuple(B.shape):
-                    raise TrainError(f"--resume: checkpoint basis {key!r} is missing or has the wrong shape")
-                B.copy_(tensors[key])
-
-    @torch.no_grad()
-    def q_state(self) -> dict[str, torch.Tensor]:
-        """Orthonormal bases for ``bases.safetensors``: ``Q_c.<module>`` / ``Q_s.<module>``."""
-        out = {}
-        for prefix, kind in (("Q_c", "content"), ("Q_s", "style")):
-            out.update({f"{prefix}.{s.name}": Q.cpu().contiguous() for s, Q in zip(self.layers, self.Q(kind))})
-        return out
 
 
 # -- trainer -----------------------------------------------------------------------------------------
@@ -394,60 +182,6 @@ class RankFTTrainer:
         return out
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(out: Path, trainer: RankFTTrainer, step: int, record: Mapping) -> None:
-    """``OUT/checkpoint/``: bases, optimizer + scaler state, RNG states, step and log (atomic)."""
-    from safetensors.torch import save_file
-
-    tmp, final = out / f"{_CHECKPOINT}.tmp", out / _CHECKPOINT
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainer.bases.raw_state(), str(tmp / "bases.safetensors"))
-    optimizer = {"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict()}
-    torch.save(optimizer, tmp / "optimizer.pt")
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = {"generator": trainer.generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
-    torch.save(rng, tmp / "rng.pt")
-    state = {"step": step, "fingerprint": trainer.config.fingerprint(), "record": record}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def load_checkpoint(out: Path, trainer: RankFTTrainer) -> tuple[int, dict] | None:
-    """Restore a trainer from ``OUT/checkpoint``; ``None`` when there is none."""
-    from safetensors.torch import load_file
-
-    folder = out / _CHECKPOINT
-    if not (folder / "state.json").is_file():
-        return None
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "bases.safetensors"))
-        opt = torch.load(folder / "optimizer.pt", weights_only=True)
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise TrainError(f"--resume: cannot read checkpoint {folder}: {exc}") from exc
-    _check_fingerprint(folder, state.get("fingerprint", {}), trainer.config.fingerprint())
-    trainer.bases.load_raw_state({k: v.to(trainer.device) for k, v in tensors.items()})
-    trainer.optimizer.load_state_dict(opt["optimizer"])
-    trainer.scaler.load_state_dict(opt["scaler"])
-    trainer.generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"]), state["record"]
-
-
-def _check_fingerprint(folder: Path, saved: Mapping, current: Mapping) -> None:
-    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if saved.get(k) != current.get(k)]
-    if diffs:
-        raise TrainError(f"--resume: checkpoint {folder} was written with other settings ({'; '.join(diffs)})")
-
-
 # -- the whole run --------------------------------------------------------------------------------
 
 
@@ -506,8 +240,11 @@ def _new_record(config: BackboneConfig, arch: str, layers: Sequence[LayerSpec], 
             "eval": {}, "steps": []}
 
 
-def train_backbone(config: BackboneConfig) -> BackboneResult:
-    """Rank-FT end to end (Eq. 1-4): data, bases, AdamW loop with checkpoints, W_init export."""
+def train_backbone(config: BackboneConfig, progress: Progress | None = None) -> BackboneResult:
+    """Rank-FT end to end (Eq. 1-4): data, bases, AdamW loop with checkpoints, W_init export.
+
+    ``progress(done, steps, losses)`` runs after every step (done counts from a resumed step on).
+    """
     device = training_device()
     dtype = compute_dtype(config.mixed_precision, device)
     net, data, schedule, arch, files = prepare(config, device, dtype)
@@ -519,13 +256,13 @@ def train_backbone(config: BackboneConfig) -> BackboneResult:
     if config.resume:
         restored = load_checkpoint(config.out, trainer)
         if restored is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", config.out / _CHECKPOINT)
+            log.warning("--resume: no checkpoint in %s, starting from step 0", config.out / CHECKPOINT)
         else:
             start, record = restored
             log.info("resuming from step %d", start)
     if config.evaluate and "start" not in record["eval"]:
         record["eval"] = {"base_W0": trainer.evaluate(base=True), "start": trainer.evaluate()}
-    seconds = _train_loop(trainer, start, record)
+    seconds = _train_loop(trainer, start, record, progress)
     if config.evaluate:
         record["eval"]["end"] = trainer.evaluate()
     write_outputs(config, bases, record)
@@ -534,19 +271,18 @@ def train_backbone(config: BackboneConfig) -> BackboneResult:
                           ev.get("start", {}).get("total", math.nan), ev.get("end", {}).get("total", math.nan))
 
 
-def _train_loop(trainer: RankFTTrainer, start: int, record: dict) -> float:
-    """Steps ``start .. steps-1`` with a progress bar and periodic checkpoints; returns seconds."""
+def _train_loop(trainer: RankFTTrainer, start: int, record: dict, progress: Progress | None) -> float:
+    """Steps ``start .. steps-1`` with periodic checkpoints; returns seconds."""
     config = trainer.config
     t0 = time.perf_counter()
-    with progress(config.steps, min(start, config.steps), "rank-ft") as bar:
-        for step in range(start, config.steps):
-            losses = trainer.step(step)
-            record["steps"].append({"step": step + 1, **losses})
-            bar.set_postfix(loss=f"{losses['loss']:.4f}")
-            bar.update(1)
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                save_checkpoint(config.out, trainer, step + 1, record)
+    for step in range(start, config.steps):
+        losses = trainer.step(step)
+        record["steps"].append({"step": step + 1, **losses})
+        if progress is not None:
+            progress(step + 1, config.steps, losses)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(config.out, trainer, step + 1, record)
     seconds = time.perf_counter() - t0
-    if start < config.steps or not (config.out / _CHECKPOINT).exists():
+    if start < config.steps or not (config.out / CHECKPOINT).exists():
         save_checkpoint(config.out, trainer, max(start, config.steps), record)
     return seconds

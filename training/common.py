@@ -2,8 +2,8 @@
 
 The two trainers live in :mod:`craft_training.backbone` (CRAFT-LoRA Eq. 1-4) and
 :mod:`craft_training.lora` (Eq. 6-7); this module holds what both need: image folders,
-device and precision, the DDPM noise schedule, one-time VAE / text encoding, the denoising
-loss, and the CLI entry points (imported lazily so ``craft --help`` stays fast).
+device and precision, the DDPM noise schedule, one-time VAE / text encoding and the
+denoising loss. It imports neither trainer.
 
 Conventions: images are read with PIL (PNG / JPEG), center-cropped to a square and resized
 to ``resolution``; pixels live in ``[-1, 1]``. Latents are the VAE posterior *mean* times
@@ -13,10 +13,7 @@ seed fixes a run bit for bit on one machine.
 
 from __future__ import annotations
 
-import argparse
-import math
-import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .config import MIXED_PRECISIONS, TrainError
+
 __all__ = [
-    "TrainError",
     "IMAGE_SUFFIXES",
-    "ATTENTION_SUFFIXES",
-    "check_positive",
-    "check_resolution",
     "list_images",
     "load_image",
     "load_images",
@@ -43,41 +38,13 @@ __all__ = [
     "batch_cond",
     "denoising_loss",
     "epoch_order",
-    "progress",
-    "run_train_backbone_cli",
-    "run_train_lora_cli",
+    "Progress",
 ]
 
+# ``progress(done, total, losses)`` after every optimiser step (the CLI draws a bar with it)
+Progress = Callable[[int, int, Mapping[str, float]], None]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Attention projections of every transformer block: the layers Rank-FT projects and LoRAs adapt.
-ATTENTION_SUFFIXES = (
-    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-)
-
-
-class TrainError(ValueError):
-    """Bad training input; the message names the flag or the path."""
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-def check_positive(value: float, flag: str, *, integer: bool = True) -> None:
-    """Refuse ``value <= 0`` (and non-integers / non-finite numbers) for ``flag``."""
-    if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise TrainError(f"{flag} must be an integer, got {value!r}")
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise TrainError(f"{flag} must be positive, got {value!r}")
-
-
-def check_resolution(resolution: int, flag: str = "--resolution") -> None:
-    """The resolution must be a positive multiple of 8 (the VAE downsamples by 8)."""
-    check_positive(resolution, flag)
-    if resolution % 8:
-        raise TrainError(f"{flag} must be a multiple of 8, got {resolution}")
-
-
 # -- images ------------------------------------------------------------------------------------
 
 
@@ -123,7 +90,7 @@ def training_device() -> torch.device:
 
 def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
     """UNet compute dtype for ``--mixed-precision``; CPU trains in fp32 only (DESIGN-NOTES 9)."""
-    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = dict(zip(MIXED_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
     if mixed_precision not in dtypes:
         raise TrainError(f"--mixed-precision must be one of {sorted(dtypes)}, got {mixed_precision!r}")
     if mixed_precision != "no" and device.type != "cuda":
@@ -196,8 +163,8 @@ def encode_latents(vae: nn.Module, images: torch.Tensor, device: torch.device, c
 @torch.no_grad()
 def encode_prompt(parts, text: str, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
     """UNet conditioning of one prompt (already stripped of routing tokens, Eq. 6), batch 1."""
-    from craft_ops.conditioning import build_conditioning, tokenize
     from craft_export.networks import TextEncoderNet
+    from craft_ops.conditioning import build_conditioning, tokenize
 
     hiddens, pooled = [], None
     for i, (encoder, ids) in enumerate(zip(parts.text_encoders, tokenize(parts.tokenizers, [text]))):
@@ -239,33 +206,3 @@ def epoch_order(sample_index: int, count: int, seed: int) -> int:
     epoch, pos = divmod(sample_index, count)
     g = torch.Generator("cpu").manual_seed(seed * 1_000_003 + epoch)
     return int(torch.randperm(count, generator=g)[pos])
-
-
-def progress(total: int, initial: int, desc: str):
-    """A tqdm progress bar on stderr."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-
-# -- CLI entry points ------------------------------------------------------------------------------
-
-
-def run_train_backbone_cli(args: argparse.Namespace) -> int:
-    """``craft train-backbone``: Rank-FT, writes ``OUT/unet``, ``OUT/bases.safetensors``, ``OUT/train_log.json``."""
-    from .backbone import BackboneConfig, train_backbone
-
-    result = train_backbone(BackboneConfig.from_args(args))
-    print(f"W_init backbone written to {result.out} ({result.steps} steps, "
-          f"eval loss {result.eval_start:.5f} -> {result.eval_end:.5f})")
-    return 0
-
-
-def run_train_lora_cli(args: argparse.Namespace) -> int:
-    """``craft train-lora``: routed DreamBooth LoRA on W_init, written as PEFT safetensors."""
-    from .lora import LoraTrainConfig, train_lora
-
-    result = train_lora(LoraTrainConfig.from_args(args))
-    print(f"{result.kind} LoRA written to {result.out} ({len(result.modules)} modules in "
-          f"{'I_c' if result.kind == 'content' else 'I_s'}, final loss {result.final_loss:.5f})")
-    return 0

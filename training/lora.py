@@ -16,7 +16,6 @@ module names stay the UNet's and the file is written in the diffusers / PEFT lay
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -33,11 +32,8 @@ from craft_ops.gates import parse_prompt
 from craft_ops.routing import Routing, resolve_routing
 
 from .common import (
-    ATTENTION_SUFFIXES,
     NoiseSchedule,
-    TrainError,
-    check_positive,
-    check_resolution,
+    Progress,
     compute_dtype,
     denoising_loss,
     encode_latents,
@@ -45,66 +41,13 @@ from .common import (
     epoch_order,
     frozen_unet,
     load_images,
-    progress,
     training_device,
 )
+from .config import ATTENTION_SUFFIXES, LoraTrainConfig, TrainError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LoraTrainConfig", "LoraResult", "LoraLayer", "LoraSet", "lora_targets", "LoraTrainer", "train_lora"]
-
-
-@dataclass(frozen=True)
-class LoraTrainConfig:
-    """Settings of one LoRA run (``craft train-lora``), validated once."""
-
-    base: Path
-    images: Path
-    kind: str
-    prompt: str
-    out: Path
-    backbone: Path | None = None
-    rank: int = 64
-    alpha: float | None = None  # default: rank (scale 1)
-    steps: int = 1000
-    lr: float = 1e-4
-    resolution: int = 512
-    routing: str | None = None
-    mixed_precision: str = "no"
-    seed: int = 0
-    batch_size: int = 1
-    weight_decay: float = 1e-2
-    targets: tuple[str, ...] = ATTENTION_SUFFIXES
-
-    def __post_init__(self) -> None:
-        for name in ("base", "images", "out", "backbone"):
-            value = getattr(self, name)
-            object.__setattr__(self, name, None if value is None else Path(value))
-        if self.kind not in ("content", "style"):
-            raise TrainError(f"--kind must be 'content' or 'style', got {self.kind!r}")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise TrainError(f"--prompt must be a non-empty string, got {self.prompt!r}")
-        check_positive(self.rank, "--rank")
-        if self.alpha is not None:
-            check_positive(self.alpha, "alpha", integer=False)
-        check_positive(self.steps, "--steps")
-        check_positive(self.lr, "--lr", integer=False)
-        check_resolution(self.resolution)
-        check_positive(self.batch_size, "batch_size")
-        if self.out.suffix.lower() != ".safetensors":
-            raise TrainError(f"--out must be a .safetensors file, got {self.out}")
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "LoraTrainConfig":
-        return cls(
-            base=args.base, backbone=args.backbone, images=args.images, kind=args.kind, prompt=args.prompt,
-            out=args.out, rank=args.rank, steps=args.steps, lr=args.lr, resolution=args.resolution,
-            routing=args.routing, mixed_precision=args.mixed_precision, seed=args.seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -264,8 +207,11 @@ def save_lora(config: LoraTrainConfig, lora: LoraSet, arch: str, routing: Routin
     save_file(lora.peft_state_dict(), str(config.out), metadata=metadata)
 
 
-def train_lora(config: LoraTrainConfig) -> LoraResult:
-    """DreamBooth LoRA restricted to I_c or I_s (Eq. 7), trained on W_init, saved as PEFT safetensors."""
+def train_lora(config: LoraTrainConfig, progress: Progress | None = None) -> LoraResult:
+    """DreamBooth LoRA restricted to I_c or I_s (Eq. 7), trained on W_init, saved as PEFT safetensors.
+
+    ``progress(done, steps, {"loss": ...})`` runs after every step.
+    """
     # 1. data and frozen networks
     device = training_device()
     dtype = compute_dtype(config.mixed_precision, device)
@@ -281,11 +227,10 @@ def train_lora(config: LoraTrainConfig) -> LoraResult:
     trainer = LoraTrainer(net, lora, latents, cond, schedule, config, dtype, generator)
     losses, t0 = [], time.perf_counter()
     try:
-        with progress(config.steps, 0, f"lora-{config.kind}") as bar:
-            for step in range(config.steps):
-                losses.append(trainer.step(step))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                bar.update(1)
+        for step in range(config.steps):
+            losses.append(trainer.step(step))
+            if progress is not None:
+                progress(step + 1, config.steps, {"loss": losses[-1]})
     finally:
         lora.detach()
     seconds = time.perf_counter() - t0

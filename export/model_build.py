@@ -1,0 +1,158 @@
+"""One model of the repository: export (or derive) its ONNX graph, check it, build its engine, write its config.
+
+A UNet variant (Eq. 8 weights) is derived from the W_init graph by replacing the weights it
+changes (:mod:`.onnx_variants`); everything else is traced and exported. Every graph is checked
+against the PyTorch network on seeded inputs; with ``--runtime tensorrt`` the engine is built
+(or, for a variant, refitted from the W_init engine) and checked against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .bake import VariantBaker
+from .networks import PipelineNets
+from .options import ExportError, ExportOptions, ModelJob
+from .recipe import EngineRange
+from .repo_files import templates
+from .specs import ImageRange, NetworkSpec
+
+__all__ = ["PARITY_TOLERANCE", "build_model", "engine_path", "network_module"]
+
+# Max |ONNX Runtime - PyTorch| accepted per network in fp32 (the measured errors are orders of
+# magnitude below; each model's own is recorded in the manifest).
+PARITY_TOLERANCE = {"unet": 1e-4, "text_encoder": 1e-4, "text_encoder_2": 1e-4, "vae_decoder": 1e-4}
+
+
+def network_module(nets: PipelineNets, baker: VariantBaker, job: ModelJob) -> tuple[torch.nn.Module, dict]:
+    """The nn.Module to export for a job and its parameter overrides (baked variant weights)."""
+    if job.network == "unet":
+        return nets.unet, baker.params_for(job.variants[0], cache=False)  # baked once: not kept
+    if job.network == "vae_decoder":
+        return nets.vae, {}
+    return nets.text_encoders[0 if job.network == "text_encoder" else 1], {}
+
+
+class _Baked(torch.nn.Module):
+    """A network with some parameters replaced (``functional_call``): no copy, the module is untouched."""
+
+    def __init__(self, module: torch.nn.Module, params: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.inner = module
+        self.params = dict(params)
+
+    @property
+    def overrides(self) -> dict[str, torch.Tensor]:
+        """The replaced parameters under their names in this module's graph (``inner.`` prefix)."""
+        return {f"inner.{k}": v for k, v in self.params.items()}
+
+    def forward(self, *args, **kwargs):
+        if not self.params:
+            return self.inner(*args, **kwargs)
+        return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
+
+
+def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, torch.Tensor]]:
+    """Seeded inputs at two batch sizes and two image sizes of the engine range."""
+    from .onnx_export import example_inputs
+
+    lo = engine.min_size
+    wide = min(engine.max_size, (lo * 3 // 2) // 8 * 8)
+    return [example_inputs(spec, hw=(lo, lo), batch=1, seed=1), example_inputs(spec, hw=(lo, wide), batch=2, seed=2)]
+
+
+def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: EngineRange, options: ExportOptions,
+                runner: str, staging: Path, specs: Mapping[str, NetworkSpec], base_onnx: Path | None = None,
+                base_engine: Path | None = None) -> dict:
+    """Export one model into ``staging/<name>``, check it against PyTorch, return its manifest record.
+
+    ``base_onnx``: the W_init UNet graph variants are derived from; ``base_engine``: its
+    ``model.plan``, refitted into a variant's engine (``--runtime tensorrt``), when there is one.
+    """
+    from .onnx_export import example_inputs, export_onnx
+    from .onnx_variants import derive_variant
+    from .parity import run_parity
+
+    # 1. the graph: derived from W_init's, or traced
+    spec = specs[job.network]
+    module, params = network_module(nets, baker, job)
+    net = _Baked(module, params).eval()
+    target = staging / job.name
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "1").mkdir(parents=True)
+    onnx_path = target / "1" / "model.onnx"
+    size = engine.min_size
+    t0 = time.perf_counter()
+    if base_onnx is not None and params:
+        derive_variant(base_onnx, net.overrides, onnx_path)
+        how = "derived"
+    else:
+        export_onnx(net, spec, example_inputs(spec, hw=(size, size), batch=2, seed=0), onnx_path)
+        how = "traced"
+    seconds = time.perf_counter() - t0
+    # 2. parity with PyTorch
+    report = run_parity(net, onnx_path, spec, _parity_inputs(spec, engine))
+    tolerance = PARITY_TOLERANCE[job.network]
+    if report["worst_abs_err"] > tolerance:
+        raise ExportError(f"{job.name}: ONNX Runtime differs from PyTorch by {report['worst_abs_err']:.3g} "
+                          f"> tolerance {tolerance:g}")
+    record = {"network": job.network, "key": job.key, "export_seconds": round(seconds, 3), "export": how,
+              "parity_max_abs_err": report["max_abs_err"], "parity_tolerance": tolerance}
+    # 3. the TensorRT engine
+    if options.runtime == "tensorrt":
+        record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
+    # 4. config.pbtxt
+    _write_model_config(job, spec, target, runner, options, engine.max_batch)
+    return record
+
+
+def _tensorrt(job: ModelJob, onnx_path: Path, spec: NetworkSpec, engine: EngineRange, options: ExportOptions,
+              target: Path, base_engine: Path | None) -> dict:
+    from .tensorrt_build import build_engine
+
+    image_range = ImageRange((engine.min_size,) * 2, (engine.opt_size,) * 2, (engine.max_size,) * 2)
+    refit_from = base_engine.read_bytes() if job.is_variant and base_engine is not None else None
+    record = build_engine(job, onnx_path, spec, options, target / "1", image_range=image_range, base_engine=refit_from)
+    if job.is_variant and not options.keep_onnx:
+        for f in onnx_path.parent.glob("model.onnx*"):  # the graph and its external data
+            f.unlink()
+        record["onnx_removed"] = True
+    return record
+
+
+def _write_model_config(job: ModelJob, spec: NetworkSpec, target: Path, runner: str, options: ExportOptions,
+                        max_batch: int) -> None:
+    from .triton_config import config_pbtxt
+
+    if options.runtime == "tensorrt":
+        platform = "tensorrt_plan" if runner == "native" else "python"
+    else:
+        platform = "onnxruntime" if runner == "native" else "python"
+    parameters = {"craft_runtime": options.runtime, "craft_network": job.network}
+    if platform == "python" and options.runtime == "tensorrt":
+        # GPU-resident inputs stay on the GPU; torch tensors in and out through DLPack (EngineModel)
+        parameters.update(craft_io="dlpack", FORCE_CPU_ONLY_INPUT_TENSORS="no")
+    # UNet models batch whatever is already queued but never wait for more: a batching window
+    # costs its length on every call and bought no throughput on CPU (README, "Concurrency").
+    text = config_pbtxt(job.name, spec, platform=platform, max_batch_size=max_batch,
+                        instance_kind="KIND_GPU" if options.runtime == "tensorrt" else "KIND_CPU",
+                        dynamic_batching=job.network == "unet", max_queue_delay_us=0 if job.network == "unet" else None,
+                        parameters=parameters)
+    (target / "config.pbtxt").write_text(text)
+    if platform == "python":
+        shutil.copy(templates() / "engine_runner" / "model.py", target / "1" / "model.py")
+
+
+def engine_path(model_dir: Path, options: ExportOptions) -> Path | None:
+    """A model folder's TensorRT engine, when exporting for TensorRT and the engine is there."""
+    if options.runtime != "tensorrt":
+        return None
+    from .tensorrt_build import ENGINE_FILE
+
+    path = model_dir / "1" / ENGINE_FILE
+    return path if path.is_file() else None

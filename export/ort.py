@@ -1,0 +1,61 @@
+"""ONNX Runtime sessions: the one place an ``InferenceSession`` is built.
+
+The export's parity check, the TensorRT engine check and the Python-backend runners of the
+served repository all open their sessions here, with the same options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ort_session", "OrtSession"]
+
+CPU = ("CPUExecutionProvider",)
+
+
+def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it).
+
+    ``threads``: intra-op threads (None or 0: ONNX Runtime's choice). ``providers``: default CPU.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Idle pool threads sleep instead of spinning: sessions share few cores with each other (one per
+    # Triton model) and with PyTorch (the parity check alternates ONNX Runtime and PyTorch runs).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=list(providers or CPU))
+
+
+class OrtSession:
+    """A network as a callable: ``session({input: array}) -> {output: array}`` in the graph's own ranks.
+
+    :class:`~craft_export.trt_session.TrtSession` has the same interface.
+    """
+
+    def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None):
+        self.session = ort_session(path, providers=providers, threads=threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: inputs[name] for name in self.input_names}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def run_torch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """TrtSession's torch interface: CPU torch tensors in and out."""
+        import torch
+
+        out = self({name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+                    for name, value in inputs.items()})
+        return {name: torch.from_numpy(array) for name, array in out.items()}
