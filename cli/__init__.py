@@ -1,5 +1,5 @@
 """``craft``: argparse and printing only; every subcommand lives in its own module of this package."""
 
-from .main import main
+from .app import main
 
 __all__ = ["main"]

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 
-from craft_client.client import CraftClient, CraftServerError
+from .common import HelpFormatter, ProgressBar
 
-__all__ = ["generate_remote", "run_models_cli"]
+__all__ = ["generate_remote", "run_models", "register"]
 
 
 def _fields(request) -> dict:
@@ -21,24 +21,22 @@ def _fields(request) -> dict:
     return fields
 
 
-def _progress_bar(step: int, total: int) -> None:
-    width = 30
-    filled = int(width * step / max(total, 1))
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}", end="", file=sys.stderr, flush=True)
-
-
 def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
     """Send a request to a server; returns (N, H, W, 3) uint8. Server errors exit 2 with the message."""
+    from craft_client import CraftClient, CraftServerError
+
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
             if args.stream:
-                result = None
-                for event in client.stream(list(request.prompts), **_fields(request)):
-                    if event.result is not None:
-                        result = event.result
-                    else:
-                        _progress_bar(event.step, event.total)
-                print(file=sys.stderr)
+                result, bar = None, ProgressBar()
+                try:
+                    for event in client.stream(list(request.prompts), **_fields(request)):
+                        if event.result is not None:
+                            result = event.result
+                        else:
+                            bar(event.step, event.total)
+                finally:
+                    bar.close()
             else:
                 result = client.generate(list(request.prompts), **_fields(request))
     except CraftServerError as exc:
@@ -48,7 +46,9 @@ def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
     return result.images
 
 
-def run_models_cli(args: argparse.Namespace) -> int:
+def run_models(args: argparse.Namespace) -> int:
+    from craft_client import CraftClient, CraftServerError
+
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
             info = client.catalog()
@@ -68,3 +68,12 @@ def run_models_cli(args: argparse.Namespace) -> int:
     e = info["engine"]
     print(f"sizes: {e['min_size']}..{e['max_size']} px (multiples of {e.get('multiple', 8)}), up to {e['max_batch']} prompts")
     return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", formatter_class=HelpFormatter, help="list the LoRAs and defaults a server offers")
+    p.add_argument("--url", required=True, help="server HOST:PORT")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how to reach the server")
+    p.add_argument("--model", default="craft_pipeline", help="Triton pipeline model name")
+    p.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    p.set_defaults(func=run_models)

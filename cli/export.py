@@ -1,0 +1,50 @@
+"""``craft export``: recipe -> baked UNet variants -> ONNX / TensorRT -> Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from craft_export.options import PRECISIONS, RUNNERS, RUNTIMES
+
+from .common import HelpFormatter
+
+__all__ = ["register", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from craft_export.exporter import ExportOptions, export_repository
+
+    options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
+                            precision=args.precision, pairs=args.pairs, runner=args.runner,
+                            keep_onnx=args.keep_onnx)
+    say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = export_repository(options, progress=say)
+    if args.json:
+        print(json.dumps(report.summary()))
+    else:
+        print(f"built {len(report.built)}, reused {len(report.reused)}, removed {len(report.removed)} models "
+              f"in {report.seconds:.1f} s -> {options.out}")
+        for name, seconds in report.timings.items():
+            print(f"  {name}: {seconds:.2f} s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", formatter_class=HelpFormatter,
+                       help="recipe -> baked UNet variants -> ONNX/TensorRT -> Triton model repository")
+    p.add_argument("--recipe", required=True, help="recipe file (TOML)")
+    p.add_argument("--out", required=True, help="model repository folder (created, or updated in place)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="engine runtime")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="engine precision (fp16 / bf16: TensorRT on a GPU only)")
+    p.add_argument("--pairs", default="all", help="content+style pairs to bake: 'all', 'none' or NAME+NAME,...")
+    p.add_argument("--runner", choices=RUNNERS, default="auto",
+                   help="engine models: native Triton backends, Python-backend runners, or whichever the local "
+                        "tritonserver supports")
+    p.add_argument("--keep-onnx", action="store_true",
+                   help="tensorrt: keep every UNet variant's ONNX file (otherwise only W_init's stays)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line")
+    p.set_defaults(func=run)
