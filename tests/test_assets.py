@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from craft_reference.demo import recipe_text
 from craft_export.recipe import load_recipe
+from craft_reference.demo import recipe_text
 from craft_reference.tiny import FULL_CONFIGS, _text_encoder
 
 # Parameter counts of the released checkpoints (UNet, VAE, text encoder(s)).
@@ -55,7 +55,7 @@ def test_full_size_recipe_has_the_documented_resolution_range(tmp_path, arch, px
 
 @pytest.mark.parametrize("args, field", [(["--size", "huge"], "--size"), (["--arch", "sd3"], "sd3")])
 def test_demo_assets_rejects_bad_flags(tmp_path, args, field):
-    r = subprocess.run([sys.executable, "-m", "craft_cli.main", "demo-assets", "--out", str(tmp_path / "x"), *args],
+    r = subprocess.run([sys.executable, "-m", "craft_cli", "demo-assets", "--out", str(tmp_path / "x"), *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and field in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x" / "sd15-tiny").exists()

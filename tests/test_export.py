@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from craft_export.exporter import ExportError, ExportOptions, export_repository
-from craft_serving.manifest import read_manifest
-from craft_export.onnx_export import onnx_initializer_hashes, onnx_io
-from craft_export.specs import config_io, parse_config_pbtxt
+from craft_export.onnx_files import onnx_initializer_hashes, onnx_io
+from craft_export.triton_config import config_io, parse_config_pbtxt
 from craft_ops.aggregate import BASE, Variant
+from craft_serving.manifest import read_manifest
 
 CRAFT = str(Path(sys.executable).with_name("craft"))
 
@@ -27,6 +27,11 @@ def write_recipe(demo_dir: Path, arch: str, loras: list[str], path: Path) -> Pat
     path.write_text(recipe_text(arch, loras, root=demo_dir))
     return path
 
+
+
+def _manifest(repo: Path) -> dict:
+    """The manifest as written (every model's export record included)."""
+    return json.loads((repo / "manifest.json").read_text())
 
 @pytest.fixture(scope="module")
 def repos(demo_dir, tmp_path_factory):
@@ -50,7 +55,7 @@ def test_repository_layout_and_manifest(repos, arch):
     assert view.variants[BASE] == "unet_base"
     assert view.variants[Variant("dog", 1.0, "watercolor", 1.0)] == "unet_c-dog_s-watercolor"
     assert {l.name: l.kind for l in view.catalog.values()} == {"dog": "content", "watercolor": "style"}
-    raw = view.raw
+    raw = _manifest(repo)
     dog = next(l for l in raw["loras"] if l["name"] == "dog")
     assert dog["format"] == "peft" and dog["rank"] == 4 and len(dog["sha256"]) == 64
     assert 0 < dog["coverage"]["routed"] == dog["coverage"]["content"] < dog["coverage"]["modules"]
@@ -64,7 +69,7 @@ def test_repository_layout_and_manifest(repos, arch):
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_config_pbtxt_matches_onnx(repos, arch):
     repo, _, _ = repos[arch]
-    for model in read_manifest(repo).raw["models"]:
+    for model in _manifest(repo)["models"]:
         io = config_io(parse_config_pbtxt(repo / model / "config.pbtxt"))
         inputs, outputs = onnx_io(repo / model / "1" / "model.onnx")
         for side, onnx_side in ((io.inputs, inputs), (io.outputs, outputs)):
@@ -209,7 +214,7 @@ def test_tensorrt_export_builds_and_refits(demo_dir, tmp_path):
     recipe = write_recipe(demo_dir, "sd15", ["dog", "watercolor"], tmp_path / "r.toml")
     report = export_repository(ExportOptions(recipe=recipe, out=tmp_path / "trt", runtime="tensorrt",
                                              precision="fp16", runner="native"))
-    raw = read_manifest(tmp_path / "trt").raw
+    raw = _manifest(tmp_path / "trt")
     assert (tmp_path / "trt" / "unet_base" / "1" / "model.plan").is_file()
     refits = [r for r in raw["models"].values() if r.get("trt_build") == "refit"]
     assert refits and all(r["trt_max_abs_err_vs_onnx"] < 5e-2 for r in raw["models"].values() if "trt_max_abs_err_vs_onnx" in r)

@@ -12,12 +12,12 @@ with ``{"skipped": "no CUDA GPU"}`` when no GPU is visible.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,23 +96,30 @@ class _FakeSession:
 
     def __init__(self, scale: float):
         self.scale = scale
-        self._lock = threading.RLock()
+        self.held = 0
         self.batches: list[int] = []
 
-    def _enqueue(self, inputs):
+    @contextlib.contextmanager
+    def hold(self):
+        self.held += 1
+        try:
+            yield self
+        finally:
+            self.held -= 1
+
+    def launch(self, inputs):
+        assert self.held, "launch outside hold()"
         self.batches.append(inputs["sample"].shape[0])
         eps = inputs["sample"] * self.scale + inputs["timestep"].reshape(-1, 1, 1, 1)
-        return SimpleNamespace(session=self, out={"noise_pred": eps})
-
-    def _collect(self, pending, copy=True):
-        return pending.out
+        return SimpleNamespace(result=lambda copy=True: {"noise_pred": eps})
 
     def run_torch(self, inputs, copy=True):
-        return self._collect(self._enqueue(inputs))
+        with self.hold():
+            return self.launch(inputs).result(copy=copy)
 
 
 def test_trt_denoiser_batches_same_weights_and_splits_different_ones():
-    from craft_export.trt_session import TrtDenoiser
+    from craft_serving.trt_denoiser import TrtDenoiser
 
     base, variant = _FakeSession(1.0), _FakeSession(3.0)
     denoise = TrtDenoiser(lambda v: base if v.is_base else variant)
@@ -183,7 +190,7 @@ def trt_repos(demo_dir, tmp_path_factory):
 
 
 def _specs(ref_pipes, arch, max_batch=8):
-    from craft_export.specs import network_specs
+    from craft_export.network_specs import network_specs
 
     return network_specs(arch, ref_pipes[arch].parts, max_batch=max_batch)
 
@@ -205,7 +212,7 @@ CASES = [((64, 64), 1, 1), ((128, 128), 2, 2), ((64, 128), 3, 3)]
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_trt_session_matches_onnxruntime(trt_repos, ref_pipes, arch):
     from craft_export.onnx_export import example_inputs
-    from craft_serving.batching import OrtSession
+    from craft_export.ort import OrtSession
     from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos[arch]
@@ -263,11 +270,12 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos["sd15"]
-    refits = [name for name, rec in view.raw["models"].items() if rec.get("trt_build") == "refit"]
-    assert refits, view.raw["models"]
-    e = view.raw["engine"]
-    spec = _specs(ref_pipes, "sd15", max_batch=e["max_batch"])["unet"]
-    image_range = ImageRange((e["min_size"],) * 2, (e["opt_size"],) * 2, (e["max_size"],) * 2)
+    models = json.loads((repo / "manifest.json").read_text())["models"]
+    refits = [name for name, rec in models.items() if rec.get("trt_build") == "refit"]
+    assert refits, models
+    e = view.engine
+    spec = _specs(ref_pipes, "sd15", max_batch=e.max_batch)["unet"]
+    image_range = ImageRange((e.min_size,) * 2, (e.opt_size,) * 2, (e.max_size,) * 2)
     base = TrtSession(repo / view.model_for(BASE) / "1" / "model.plan")
     for name in refits[:2]:
         folder = repo / name / "1"
@@ -287,7 +295,8 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
 @pytest.mark.gpu
 def test_concurrent_runs_equal_serial_runs(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
-    from craft_export.trt_session import TrtSession, run_concurrent
+    from craft_export.trt_session import TrtSession
+    from craft_serving.trt_denoiser import run_concurrent
 
     repo, _, view = trt_repos["sd15"]
     spec = _specs(ref_pipes, "sd15")["unet"]
@@ -319,9 +328,10 @@ def test_images_with_tensorrt_match_fp32_reference(trt_repos, ref_pipes, arch, c
     text encoders, UNet variants, VAE decoder - a TrtSession called with numpy, as EngineModel does.
     """
     from craft_export.recipe import load_recipe
+    from craft_export.trt_session import TrtSession
     from craft_reference.pipeline import ReferencePipeline
     from craft_serving.runtime import PipelineRuntime
-    from craft_export.trt_session import TrtDenoiser, TrtSession
+    from craft_serving.trt_denoiser import TrtDenoiser
 
     repo, recipe, view = trt_repos[arch]
     kw = dict(REQUESTS[case])

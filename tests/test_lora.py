@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from craft_reference.demo import lora_target_modules, make_lora_state_dict
 from craft_export.loading import LoadError, load_lora, read_lora_file, unet_module_shapes
 from craft_ops.aggregate import Variant
 from craft_ops.lora import LoraError, adapter_deltas, detect_format, parse_lora
+from craft_reference.demo import lora_target_modules, make_lora_state_dict
 
 
 @pytest.fixture(scope="module")

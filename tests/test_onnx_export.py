@@ -19,25 +19,13 @@ import numpy as np
 import pytest
 import torch
 
+from craft_export.network_specs import network_specs
 from craft_export.networks import TextEncoderNet, UNetNet, VaeDecoderNet
-from craft_export.onnx_export import (
-    check_onnx_contract,
-    consolidate_external_data,
-    example_inputs,
-    export_onnx,
-    onnx_initializer_hashes,
-    onnx_io,
-    run_parity,
-)
-from craft_export.specs import (
-    BatchRange,
-    ImageRange,
-    ShapeProfile,
-    TensorSpec,
-    config_io,
-    config_pbtxt,
-    network_specs,
-)
+from craft_export.onnx_export import example_inputs, export_onnx
+from craft_export.onnx_files import check_onnx_contract, consolidate_external_data, onnx_initializer_hashes, onnx_io
+from craft_export.parity import run_parity
+from craft_export.specs import BatchRange, ImageRange, ShapeProfile, TensorSpec
+from craft_export.triton_config import config_io, config_pbtxt
 
 ARCHES = ("sd15", "sdxl")
 KINDS = {"sd15": ("unet", "text_encoder", "vae_decoder"),

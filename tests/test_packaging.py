@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from craft_client.schema import REQUEST_INPUTS
-from craft_export.specs import parse_config_pbtxt
-from craft_serving.runtime import pipeline_config
+from craft_client.schema import DTYPES, REQUEST_INPUTS
+from craft_export.triton_config import parse_config_pbtxt, pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +44,6 @@ def test_pipeline_configs_follow_the_schema(name, streaming):
 
     config = parse_config_pbtxt(path)
     assert {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input} == {
-        n: (model_config_pb2.DataType.Value(d), dims, not req) for n, (d, dims, req) in REQUEST_INPUTS.items()
+        n: (model_config_pb2.DataType.Value(DTYPES[d].config), dims, not req) for n, (d, dims, req) in REQUEST_INPUTS.items()
     }
     assert config.model_transaction_policy.decoupled == streaming

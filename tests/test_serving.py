@@ -15,8 +15,8 @@ import pytest
 
 from craft_client import CraftClient, CraftServerError
 from craft_export.exporter import ExportOptions, export_repository
-from craft_serving.triton_server import free_port, find_tritonserver, TritonServerError
 from craft_ops.request import GenerateRequest
+from craft_serving.triton_server import TritonServerError, find_tritonserver, free_port
 
 pytestmark = pytest.mark.server
 
@@ -123,6 +123,7 @@ def test_cli_generate_matches_local(served, tmp_path):
     local = subprocess.run([CRAFT, "generate", "--local", "--recipe", str(s.recipe), *args, "--out", str(tmp_path / "l.png")],
                            capture_output=True, text=True, timeout=300)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    assert f"step {STEPS}/{STEPS}" in local.stderr  # the local run's progress bar
     from PIL import Image
 
     assert _close(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "l.png")))
@@ -157,6 +158,33 @@ def test_streaming_progress_and_final_image(served):
     assert [e.step for e in progress] == list(range(1, 7)) and all(e.total == 6 for e in progress)
     assert [e.step for e in progress if e.preview is not None] == [3, 6]
     assert events[-1].result is not None and np.array_equal(events[-1].result.images, single)
+
+
+def test_async_client_offers_the_sync_methods(served):
+    import asyncio
+
+    from craft_client import AsyncCraftClient
+
+    s = served["sd15"]
+    kw = _fields(content="dog", steps=3)
+    with s.client() as client:
+        want, catalog = client.generate("a dog <c>", **kw).images, client.catalog()
+
+    async def run(url: str, protocol: str):
+        async with AsyncCraftClient(url, protocol, timeout=300) as client:
+            assert await client.ready()
+            images = (await client.generate("a dog <c>", **kw)).images
+            events = [e async for e in client.stream("a dog <c>", **kw)] if protocol == "grpc" else []
+            return images, await client.catalog(), events
+
+    images, cat, events = asyncio.run(run(s.grpc, "grpc"))
+    assert np.array_equal(images, want) and cat == catalog
+    assert [e.step for e in events if e.result is None] == [1, 2, 3]
+    assert events[-1].result is not None and np.array_equal(events[-1].result.images, want)
+    images, cat, _ = asyncio.run(run(s.http, "http"))
+    assert np.array_equal(images, want) and cat == catalog
+    public = {n for n in dir(CraftClient) if not n.startswith("_")}
+    assert public <= {n for n in dir(AsyncCraftClient) if not n.startswith("_")}
 
 
 def test_stream_cancellation_stops_work(served):

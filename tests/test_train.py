@@ -14,20 +14,15 @@ from safetensors.torch import load_file
 
 from craft_export.loading import load_lora, load_pipeline_parts, load_unet, unet_module_shapes
 from craft_export.recipe import load_recipe
-from craft_reference.pipeline import LoadedLora, ReferencePipeline
-from craft_training.common import TrainError
-from craft_training.backbone import (
-    BackboneConfig,
-    RankFTBases,
-    frequency_split,
-    layer_specs,
-    target_layers,
-    train_backbone,
-)
-from craft_training.lora import LoraTrainConfig, train_lora
+from craft_export.recipe_models import LoadedLora
 from craft_ops.rankft import merged_basis, rank_schedule
 from craft_ops.request import GenerateRequest
 from craft_ops.routing import PRESETS
+from craft_reference.pipeline import ReferencePipeline
+from craft_training.backbone import train_backbone
+from craft_training.config import BackboneConfig, TrainError
+from craft_training.rankft_bases import RankFTBases, frequency_split, layer_specs, target_layers
+from craft_training.lora import LoraTrainConfig, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
