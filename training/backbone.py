@@ -1,7 +1,7 @@
 """Rank-FT: train the rank-constrained W_init backbone (CRAFT-LoRA Eq. 1-4).
 
-Layers, bases and the frequency split are in :mod:`.rankft_bases`; checkpoints in
-:mod:`.checkpoint`. Every content image x every style image is a pair.
+Layers, bases and the frequency split are in :mod:`.rankft_bases`. Every content image x every
+style image is a pair.
 
 Objective (the paper leaves it unspecified; the reference multiplies a placeholder by 0):
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -44,7 +45,6 @@ from torch import nn
 from craft_export.loading import unet_weights
 from craft_ops.rankft import projection_residual
 
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .common import (
     NoiseSchedule,
     Progress,
@@ -58,10 +58,12 @@ from .common import (
     load_image,
     training_device,
 )
-from .config import BackboneConfig
+from .config import BackboneConfig, TrainError
 from .rankft_bases import LayerSpec, RankFTBases, frequency_split, layer_specs
 
 log = logging.getLogger(__name__)
+
+_CHECKPOINT = "checkpoint"
 
 __all__ = [
     "BackboneConfig",
@@ -182,6 +184,60 @@ class RankFTTrainer:
         return out
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, trainer: RankFTTrainer, step: int, record: Mapping) -> None:
+    """``OUT/checkpoint/``: bases, optimizer + scaler state, RNG states, step and log (atomic)."""
+    from safetensors.torch import save_file
+
+    tmp, final = out / f"{_CHECKPOINT}.tmp", out / _CHECKPOINT
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainer.bases.raw_state(), str(tmp / "bases.safetensors"))
+    optimizer = {"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict()}
+    torch.save(optimizer, tmp / "optimizer.pt")
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = {"generator": trainer.generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    torch.save(rng, tmp / "rng.pt")
+    state = {"step": step, "fingerprint": trainer.config.fingerprint(), "record": record}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def load_checkpoint(out: Path, trainer: RankFTTrainer) -> tuple[int, dict] | None:
+    """Restore a trainer from ``OUT/checkpoint``; ``None`` when there is none."""
+    from safetensors.torch import load_file
+
+    folder = out / _CHECKPOINT
+    if not (folder / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "bases.safetensors"))
+        opt = torch.load(folder / "optimizer.pt", weights_only=True)
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TrainError(f"--resume: cannot read checkpoint {folder}: {exc}") from exc
+    _check_fingerprint(folder, state.get("fingerprint", {}), trainer.config.fingerprint())
+    trainer.bases.load_raw_state({k: v.to(trainer.device) for k, v in tensors.items()})
+    trainer.optimizer.load_state_dict(opt["optimizer"])
+    trainer.scaler.load_state_dict(opt["scaler"])
+    trainer.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"]), state["record"]
+
+
+def _check_fingerprint(folder: Path, saved: Mapping, current: Mapping) -> None:
+    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if saved.get(k) != current.get(k)]
+    if diffs:
+        raise TrainError(f"--resume: checkpoint {folder} was written with other settings ({'; '.join(diffs)})")
+
+
 # -- the whole run --------------------------------------------------------------------------------
 
 
@@ -256,7 +312,7 @@ def train_backbone(config: BackboneConfig, progress: Progress | None = None) -> 
     if config.resume:
         restored = load_checkpoint(config.out, trainer)
         if restored is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", config.out / CHECKPOINT)
+            log.warning("--resume: no checkpoint in %s, starting from step 0", config.out / _CHECKPOINT)
         else:
             start, record = restored
             log.info("resuming from step %d", start)
@@ -283,6 +339,6 @@ def _train_loop(trainer: RankFTTrainer, start: int, record: dict, progress: Prog
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(config.out, trainer, step + 1, record)
     seconds = time.perf_counter() - t0
-    if start < config.steps or not (config.out / CHECKPOINT).exists():
+    if start < config.steps or not (config.out / _CHECKPOINT).exists():
         save_checkpoint(config.out, trainer, max(start, config.steps), record)
     return seconds
