@@ -6,6 +6,11 @@ CRAFT  := $(VENV)/bin/craft
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo-assets
 PYTEST_ARGS ?=
+# checkov (tests/test_deploy.py) lives in its own venv: its pins (packaging<24, networkx<2.7,
+# boto3==...) conflict with the project's. A CLI only; nothing imports it.
+CHECKOV_VENV := .venv-checkov
+CHECKOV      := $(CHECKOV_VENV)/bin/checkov
+CHECKOV_SPEC := checkov>=3.3,<3.4
 
 .PHONY: venv demo demo-local test test-gpu bench clean
 
@@ -17,7 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(CHECKOV):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q '$(CHECKOV_SPEC)'
+
+venv: $(STAMP) $(CHECKOV)
 
 $(DEMO)/recipe-sd15.toml: | $(STAMP)
 	$(CRAFT) demo-assets --out $(DEMO)
@@ -32,7 +42,7 @@ demo-local: $(STAMP) $(DEMO)/recipe-sd15.toml
 demo: $(STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
