@@ -117,6 +117,12 @@ def test_gpu_extra_pins_the_base_tensorrt_and_onnxruntime():
     assert not ort.contains(f"{backend.major}.{backend.minor + 1}.0")
 
 
+def test_dev_extra_bindings_are_the_pinned_tensorrt():
+    """tests/test_tensorrt_api.py checks the code against these bindings: the image's TensorRT."""
+    dev = {canonicalize_name(r.name): r for r in requirements(("dev",))}
+    assert str(dev["tensorrt-cu12-bindings"].specifier) == f"=={base_release()['tensorrt']}"
+
+
 def test_onnxruntime_comes_from_exactly_one_extra():
     base = names(requirements())
     assert not base & {"onnxruntime", "onnxruntime-gpu"}, "ONNX Runtime belongs in the cpu or gpu extra"
