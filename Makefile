@@ -6,8 +6,17 @@ CRAFT  := $(VENV)/bin/craft
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo-assets
 PYTEST_ARGS ?=
+# checkov (tests/test_deploy.py) lives in its own venv: its pins (packaging<24, networkx<2.7,
+# boto3==...) conflict with the project's. A CLI only; nothing imports it.
+CHECKOV_VENV := .venv-checkov
+CHECKOV      := $(CHECKOV_VENV)/bin/checkov
+CHECKOV_SPEC := checkov>=3.3,<3.4
 
-.PHONY: venv demo demo-local test test-gpu bench clean
+# The pinned TensorRT (deploy/base-image.toml) with its real libraries, for check-tensorrt.
+TRT_VENV    := .venv-tensorrt
+TRT_VERSION  = $(shell $(PYTHON) -c "import tomllib; t = tomllib.load(open('deploy/base-image.toml', 'rb')); print(t['releases'][t['image']]['tensorrt'])")
+
+.PHONY: venv demo demo-local test test-gpu bench clean check-tensorrt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(CHECKOV):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q '$(CHECKOV_SPEC)'
+
+venv: $(STAMP) $(CHECKOV)
 
 $(DEMO)/recipe-sd15.toml: | $(STAMP)
 	$(CRAFT) demo-assets --out $(DEMO)
@@ -32,8 +46,18 @@ demo-local: $(STAMP) $(DEMO)/recipe-sd15.toml
 demo: $(STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Run before changing TensorRT code: tests/test_tensorrt_api.py against the pinned TensorRT with
+# its real libraries (~1-2 GB from NVIDIA's index, which `make test`'s machines cannot reach;
+# there the same test runs on the bindings wheel with stand-in libraries). No GPU needed.
+check-tensorrt:
+	$(PYTHON) -m venv $(TRT_VENV)
+	$(TRT_VENV)/bin/pip install -q --upgrade pip
+	$(TRT_VENV)/bin/pip install -q --extra-index-url https://pypi.nvidia.com pytest packaging \
+	    "tensorrt-cu12==$(TRT_VERSION)" "tensorrt-cu12-libs==$(TRT_VERSION)" "tensorrt-cu12-bindings==$(TRT_VERSION)"
+	CRAFT_REQUIRE_TENSORRT=1 $(TRT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_tensorrt_api.py
 
 clean:
 	rm -rf out .pytest_cache
