@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from craft_ops.lora import LoraAdapter, LoraError, parse_lora
+from craft_ops.lora import LoraAdapter, LoraError, bake_adapter, parse_lora
+
+from .lora_files import LoraFileError, metadata_alphas
 
 log = logging.getLogger(__name__)
 
@@ -167,27 +169,24 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, metadata
 
 
-def _metadata_alphas(metadata: Mapping[str, str]) -> float | None:
-    """PEFT ``lora_alpha`` from diffusers' ``lora_adapter_metadata`` or our own ``alpha`` key."""
-    for key in ("lora_adapter_metadata", "unet.lora_adapter_metadata"):
-        if key in metadata:
-            try:
-                return float(json.loads(metadata[key])["lora_alpha"])
-            except (KeyError, ValueError, TypeError):
-                continue
-    if "alpha" in metadata:
-        try:
-            return float(metadata["alpha"])
-        except ValueError as exc:
-            raise LoadError(f"LoRA metadata 'alpha' is not a number: {metadata['alpha']!r}") from exc
-    return None
+def load_lora(path: Path, module_shapes: Mapping[str, tuple[int, ...]], *, name: str,
+              weights: Mapping[str, torch.Tensor] | None = None) -> tuple[LoraAdapter, dict[str, str]]:
+    """Read and parse a LoRA file against a UNet's module shapes; errors name the file.
 
-
-def load_lora(path: Path, module_shapes: Mapping[str, tuple[int, ...]], *, name: str) -> tuple[LoraAdapter, dict[str, str]]:
-    """Read and parse a LoRA file against a UNet's module shapes; errors name the file."""
+    ``weights`` (module -> W_init, e.g. :func:`unet_weights` of the pipeline's UNet): DoRA
+    modules are baked against them here (their delta depends on the weight they are applied
+    to); a file with DoRA modules and no ``weights`` is refused.
+    """
     tensors, metadata = read_lora_file(path)
     try:
-        adapter = parse_lora(tensors, module_shapes, name=name, alphas=_metadata_alphas(metadata))
-    except LoraError as exc:
+        alphas = metadata_alphas(metadata, module_shapes)
+        adapter = parse_lora(tensors, module_shapes, name=name, alphas=alphas)
+        if adapter.needs_base:
+            if weights is None:
+                dora = sorted(m for m, f in adapter.modules.items() if f.needs_base)
+                raise LoadError(f"{path}: DoRA modules ({dora[0]}, ... {len(dora)} in all) are baked against the "
+                                f"base weights, and none were given (load_lora(..., weights=unet_weights(unet)))")
+            adapter = bake_adapter(adapter, weights)
+    except (LoraError, LoraFileError) as exc:
         raise LoadError(f"{path}: {exc}") from exc
     return adapter, metadata
