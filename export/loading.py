@@ -185,7 +185,25 @@ def load_pipeline_parts(path: Path, *, backbone: Path | None = None, dtype: torc
     except (OSError, ValueError) as exc:
         raise LoadError(f"cannot load pipeline components from {path}: {exc}") from exc
     scheduler_file = _require(path / "scheduler" / "scheduler_config.json", "scheduler config")
+    extra["force_zeros_for_empty_prompt"] = _force_zeros(path, arch)
     return PipelineParts(arch, path, unet, vae, tokenizers, encoders, json.loads(scheduler_file.read_text()), extra)
+
+
+def _force_zeros(path: Path, arch: str) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` from ``model_index.json`` (diffusers' default: true).
+
+    With it, diffusers' ``StableDiffusionXLPipeline`` uses zero text embeddings (context and
+    pooled) for the unconditional branch when no negative prompt is given.
+    """
+    if arch != "sdxl":
+        return False
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        return True
+    try:
+        return bool(json.loads(index_file.read_text()).get("force_zeros_for_empty_prompt", True))
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"{index_file}: not valid JSON ({exc})") from exc
 
 
 def unet_module_shapes(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
