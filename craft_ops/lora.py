@@ -292,8 +292,10 @@ def _check_shapes(A: torch.Tensor, B: torch.Tensor, target: tuple[int, ...], mid
     if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
         raise AdapterShapeError(f"up/B factor must be 1x1, got {tuple(B.shape)}")
     if mid is not None:
-        if len(target) != 4 or mid.ndim != 4 or tuple(mid.shape[:2]) != (B.shape[1], rank) \
-                or A.numel() != rank * target[1] or tuple(mid.shape[2:]) != tuple(target[2:]) or B.shape[0] != target[0]:
+        fits = (len(target) == 4 and mid.ndim == 4 and tuple(mid.shape[:2]) == (B.shape[1], rank)
+                and A.numel() == rank * target[1] and tuple(mid.shape[2:]) == tuple(target[2:])
+                and B.shape[0] == target[0])
+        if not fits:
             raise AdapterShapeError(f"Tucker factors up{tuple(B.shape)} mid{tuple(mid.shape)} down{tuple(A.shape)} "
                                     f"do not make weight {tuple(target)}")
         return

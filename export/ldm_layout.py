@@ -118,7 +118,8 @@ def write_single_file(folder: Path, out: Path, *, dtype: torch.dtype | None = No
     tensors = unet_to_sgm(unet)
     tensors |= vae_to_ldm(AutoencoderKL.from_pretrained(folder / "vae"))
     if sdxl:
-        tensors |= clip_to_ldm(CLIPTextModel.from_pretrained(folder / "text_encoder"), "conditioner.embedders.0.transformer.")
+        tensors |= clip_to_ldm(CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                               "conditioner.embedders.0.transformer.")
         tensors |= open_clip_to_ldm(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
                                     "conditioner.embedders.1.model.")
     else:

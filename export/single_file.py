@@ -57,7 +57,8 @@ def single_file_arch(path: Path, keys) -> str:
         if key in keys:
             return arch
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise SingleFileError(f"{path}: an SD 2.x checkpoint (OpenCLIP-H text encoder); only SD 1.5 and SDXL are supported")
+        raise SingleFileError(f"{path}: an SD 2.x checkpoint (OpenCLIP-H text encoder); only SD 1.5 and SDXL "
+                              f"are supported")
     raise SingleFileError(f"{path}: no SD 1.5 ({_KEYS['sd15']}) or SDXL ({_KEYS['sdxl']}) text encoder found "
                           f"(an SDXL refiner or an inpainting model?)")
 
