@@ -239,7 +239,7 @@ def gpu_part(work: Path, precision: str, size: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from craft_reference.architectures import UNET_CONFIGS, spec_configs
+    from craft_export.architectures import UNET_CONFIGS, spec_configs
     from craft_export.networks import UNetNet
     from craft_export.onnx_export import example_inputs, export_onnx
     from craft_export.onnx_variants import derive_variant

@@ -73,7 +73,7 @@ from typing import Any
 import numpy as np
 
 # Public full-size architectures (configs only; the models get random weights).
-from craft_reference.architectures import SCHEDULER_CONFIG, VAE_SCALING as SCALING
+from craft_export.architectures import SCHEDULER_CONFIG, VAE_SCALING as SCALING
 
 from _common import RESULTS  # benchmarks/ is on sys.path when this runs as a script
 

@@ -55,7 +55,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
 
-from craft_reference.architectures import UNET_CONFIGS  # noqa: E402
+from craft_export.architectures import UNET_CONFIGS  # noqa: E402
 
 PROMPT = "a dog <c> in watercolor style <s>"
 CONTENT, STYLE = "dog", "watercolor"

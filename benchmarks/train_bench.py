@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from craft_reference.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
+from craft_export.architectures import SCHEDULER_CONFIG, UNET_CONFIGS
 
 from _common import RESULTS, _slug, cpu_model, git_state, load_average, machine_slug  # benchmarks/ is on sys.path
 

@@ -59,10 +59,15 @@ def routed_deltas(
     kind: str,
     routing: Routing,
     module_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """fp32 deltas of an adapter restricted to its layer set, ``E_i(dW_i)`` for i in I_kind (Eq. 7-8)."""
+    """fp32 deltas of an adapter restricted to its layer set, ``E_i(dW_i)`` for i in I_kind (Eq. 7-8).
+
+    ``weights`` (W_init by module) is needed only for an adapter with unbaked DoRA modules.
+    """
     inside = routing.select(kind, adapter.modules)
-    return adapter_deltas(adapter, module_shapes, inside)
+    return adapter_deltas(adapter, module_shapes, inside, weights=weights)
 
 
 def aggregate(

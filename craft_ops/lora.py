@@ -5,22 +5,32 @@ factors keyed by the diffusers UNet module name:
 
 * diffusers / PEFT: ``[base_model.model.|unet.]<module>.lora_A[.adapter].weight`` and
   ``lora_B``; alpha from ``<module>.alpha`` keys or a caller-given ``alphas`` mapping
-  (PEFT keeps ``lora_alpha`` in its adapter config, not in the tensors);
+  (PEFT keeps ``lora_alpha`` in its adapter config, not in the tensors); DoRA magnitudes
+  ``<module>.lora_magnitude_vector[.adapter][.weight]``;
 * diffusers legacy attention processors: ``<attn>.processor.to_q_lora.down.weight``
   (``to_out_lora`` -> ``to_out.0``) and ``<module>.lora.down.weight`` / ``.lora.up``;
-* kohya / A1111: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up`` +
-  ``.alpha``, with diffusers module names or SGM / LDM block names (``input_blocks_4_1_...``)
-  and dots written as underscores.
+* kohya / A1111 / LyCORIS: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up`` +
+  ``.alpha`` (a missing or zero alpha means ``alpha = rank``, as kohya and LyCORIS read it),
+  ``.lora_mid.weight`` (Tucker LoCon), ``.dora_scale`` (DoRA), LoHa ``.hada_*``, LoKr
+  ``.lokr_*`` and full ``.diff``, with diffusers module names or SGM / LDM block names
+  (``input_blocks_4_1_...``) and dots written as underscores.
+
+Adapters other than plain LoRA are described, with their formulas, in :mod:`.adapters`;
+each bakes into a plain ``dW``. DoRA needs the base weight: :func:`bake_adapter`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
+
+from .adapters import LYCORIS_PARTS, AdapterShapeError, BakedDelta, build_lycoris, wrap_dora
+from .sgm_names import sgm_names
 
 __all__ = [
     "LoraError",
@@ -30,6 +40,7 @@ __all__ = [
     "detect_format",
     "lora_delta",
     "adapter_deltas",
+    "bake_adapter",
 ]
 
 
@@ -39,39 +50,79 @@ class LoraError(ValueError):
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """Low-rank factors of one module: ``dW = alpha / rank * B @ A``."""
+    """Low-rank factors of one module: ``dW = alpha / rank * B @ A`` (Tucker LoCon: ``B, mid, A``)."""
 
-    A: torch.Tensor  # (r, d_in) or (r, c_in, kh, kw)
+    A: torch.Tensor  # (r, d_in) or (r, c_in, kh, kw); (r, c_in, 1, 1) with mid
     B: torch.Tensor  # (d_out, r) or (c_out, r, 1, 1)
     alpha: float
     rank: int
+    mid: torch.Tensor | None = None  # (r, r, kh, kw) Tucker core (LyCORIS lora_mid)
+    kind: ClassVar[str] = "lora"
+    needs_base: ClassVar[bool] = False
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def check(self, target: tuple[int, ...]) -> None:
+        _check_shapes(self.A, self.B, target, self.mid)
+
+    def delta(self, target: tuple[int, ...]) -> torch.Tensor:
+        A = self.A.detach().to(torch.float32)
+        B = self.B.detach().to(torch.float32)
+        if self.mid is not None:
+            mid = self.mid.detach().to(torch.float32)
+            delta = torch.einsum("m n ..., i m, n j -> i j ...", mid, B.reshape(B.shape[0], -1),
+                                 A.reshape(A.shape[0], -1))
+            return (delta * self.scale).reshape(target)
+        delta = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)  # (d_out, d_in * kh * kw)
+        return (delta * self.scale).reshape(target)
+
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    """A parsed LoRA: name, source format and factors keyed by UNet module name."""
+    """A parsed LoRA: name, source format and per-module factors keyed by UNet module name.
+
+    Module values are :class:`LoraFactors` or one of the :mod:`.adapters` types; every one
+    has ``kind``, ``rank``, ``needs_base`` and ``delta(shape)``.
+    """
 
     name: str
     format: str
-    modules: Mapping[str, LoraFactors]
+    modules: Mapping[str, object]
 
     @property
     def rank(self) -> int:
         return max((f.rank for f in self.modules.values()), default=0)
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Adapter types present (``lora``, ``loha``, ``lokr``, ``full``, ``dora``), sorted."""
+        return tuple(sorted({f.kind for f in self.modules.values()}))
+
+    @property
+    def needs_base(self) -> bool:
+        """True while DoRA modules wait to be baked against the base weights."""
+        return any(f.needs_base for f in self.modules.values())
+
+    @property
+    def low_rank_only(self) -> bool:
+        """Only plain LoRA factors: what a runtime (unbaked) LoRA engine can take."""
+        return all(isinstance(f, LoraFactors) for f in self.modules.values())
+
 
 _PREFIXES = ("base_model.model.", "unet.")
 _PEFT_RE = re.compile(r"^(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+_MAGNITUDE_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_]+)?$")
 _PROC_RE = re.compile(
     r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj)"
     r"_lora\.(?P<ud>down|up)\.weight$"
 )
 _COMPAT_RE = re.compile(r"^(?P<mod>.+)\.lora\.(?P<ud>down|up)\.weight$")
-_KOHYA_RE = re.compile(r"^lora_unet_(?P<mod>[A-Za-z0-9_]+)\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid", "alpha": "alpha",
+                "dora_scale": "dora_scale", **{p: p for p in LYCORIS_PARTS}}
+_KOHYA_RE = re.compile(r"^lora_unet_(?P<mod>[A-Za-z0-9_]+)\.(?P<kind>%s)$"
+                       % "|".join(re.escape(k) for k in sorted(_KOHYA_PARTS, key=len, reverse=True)))
 _TEXT_ENCODER_RE = re.compile(r"^(lora_te\d*_|text_encoder(_2)?\.|te\d?\.)")
 
 
@@ -107,73 +158,15 @@ def _kohya_lookup(module_names: Iterable[str]) -> dict[str, str]:
     lookup: dict[str, str] = {}
     for name in module_names:
         lookup.setdefault(name.replace(".", "_"), name)
-    for sgm, name in _sgm_names(module_names).items():
+    for sgm, name in sgm_names(module_names).items():
         lookup.setdefault(sgm.replace(".", "_"), name)
     return lookup
-
-
-_RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-               "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-_TOP_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _count(names: Sequence[str], prefix: str) -> int:
-    """How many numbered children ``prefix.<i>`` exist."""
-    idx = {int(n[len(prefix) + 1:].split(".")[0]) for n in names if n.startswith(prefix + ".")}
-    return max(idx) + 1 if idx else 0
-
-
-def _sgm_block_map(names: Sequence[str]) -> dict[str, str]:
-    """diffusers block prefix -> SGM block prefix (``down_blocks.1.attentions.0`` -> ``input_blocks.4.1``)."""
-    blocks: dict[str, str] = {}
-    idx = 1
-    for b in range(_count(names, "down_blocks")):
-        for l in range(_count(names, f"down_blocks.{b}.resnets")):
-            blocks[f"down_blocks.{b}.resnets.{l}"] = f"input_blocks.{idx}.0"
-            blocks[f"down_blocks.{b}.attentions.{l}"] = f"input_blocks.{idx}.1"
-            idx += 1
-        if _count(names, f"down_blocks.{b}.downsamplers"):
-            blocks[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{idx}.0.op"
-            idx += 1
-    blocks.update({"mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-                   "mid_block.resnets.1": "middle_block.2"})
-    idx = 0
-    for b in range(_count(names, "up_blocks")):
-        has_attn = _count(names, f"up_blocks.{b}.attentions") > 0
-        n = _count(names, f"up_blocks.{b}.resnets")
-        for l in range(n):
-            blocks[f"up_blocks.{b}.resnets.{l}"] = f"output_blocks.{idx}.0"
-            blocks[f"up_blocks.{b}.attentions.{l}"] = f"output_blocks.{idx}.1"
-            if l == n - 1 and _count(names, f"up_blocks.{b}.upsamplers"):
-                blocks[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{idx}.{1 + has_attn}.conv"
-            idx += 1
-    return blocks
-
-
-def _sgm_names(module_names: Sequence[str]) -> dict[str, str]:
-    """SGM / LDM module name -> diffusers module name for the UNet's modules."""
-    names = list(module_names)
-    blocks = _sgm_block_map(names)
-    out: dict[str, str] = {}
-    for name in names:
-        if name in _TOP_SGM:
-            out[_TOP_SGM[name]] = name
-            continue
-        for prefix, sgm in blocks.items():
-            if name == prefix:
-                out[sgm] = name
-            elif name.startswith(prefix + "."):
-                rest = name[len(prefix) + 1:]
-                out[f"{sgm}.{_RESNET_SGM.get(rest, rest)}"] = name
-    return out
 
 
 def _group_factors(
     state_dict: Mapping[str, torch.Tensor], fmt: str, module_names: set[str]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
-    """Collect ``{module: {"A": down, "B": up}}`` and ``{module: alpha}`` from the keys."""
+    """Collect ``{module: {part: tensor}}`` and ``{module: alpha}`` from the keys."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     kohya = _kohya_lookup(module_names) if fmt == "kohya" else {}
@@ -188,19 +181,26 @@ def _group_factors(
 
 
 def _classify_key(key: str, fmt: str, kohya: Mapping[str, str], raw_key: str) -> tuple[str, str]:
-    """Return (module name, "A" | "B" | "alpha") for one key of the given format."""
+    """Return (module name, part) for one key of the given format.
+
+    Parts: ``A`` / ``B`` / ``mid`` / ``alpha`` (LoRA), ``magnitude`` (PEFT DoRA),
+    ``dora_scale`` (kohya DoRA) or a LyCORIS tensor name (``hada_w1_a``, ``lokr_w1``, ``diff``...).
+    """
     if fmt == "kohya":
         m = _KOHYA_RE.match(key)
         if m is None:
-            raise LoraError(f"LoRA key {raw_key!r} is not a kohya UNet key (lora_unet_<module>.lora_down/lora_up/alpha)")
+            raise LoraError(f"LoRA key {raw_key!r} is not a kohya UNet key (lora_unet_<module>. + one of "
+                            f"lora_down/lora_up/lora_mid.weight, alpha, dora_scale, hada_*, lokr_*, diff)")
         module = kohya.get(m["mod"])
         if module is None:
             raise LoraError(f"LoRA key {raw_key!r} maps to no module of this UNet")
-        return module, {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}[m["kind"]]
+        return module, _KOHYA_PARTS[m["kind"]]
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
     if fmt == "peft" and (m := _PEFT_RE.match(key)):
         return m["mod"], m["ab"]
+    if fmt == "peft" and (m := _MAGNITUDE_RE.match(key.removesuffix(".weight"))):
+        return m["mod"], "magnitude"
     if m := _PROC_RE.match(key):
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
         return f"{m['attn']}.{proj}", "A" if m["ud"] == "down" else "B"
@@ -229,23 +229,49 @@ def parse_lora(
             raise LoraError(f"LoRA {name!r}: key {key!r} targets a text encoder; only UNet LoRAs are supported")
     fmt = detect_format(state_dict.keys())
     groups, key_alphas = _group_factors(state_dict, fmt, set(module_shapes))
-    modules: dict[str, LoraFactors] = {}
+    modules: dict[str, object] = {}
     for module in sorted(groups):
-        parts = groups[module]
         if module not in module_shapes:
             raise LoraError(f"LoRA {name!r}: module {module!r} is not a module of this UNet")
-        if set(parts) != {"A", "B"}:
-            missing = "up/B" if "B" not in parts else "down/A"
-            raise LoraError(f"LoRA {name!r}: module {module!r} has no {missing} factor")
-        A, B = parts["A"], parts["B"]
-        rank = int(A.shape[0])
-        alpha = key_alphas.get(module, _given_alpha(alphas, module, rank))
-        _check_shapes(name, module, A, B, module_shapes[module])
-        modules[module] = LoraFactors(A=A, B=B, alpha=float(alpha), rank=rank)
+        target = tuple(module_shapes[module])
+        alpha = key_alphas.get(module)
+        if fmt == "kohya" and alpha == 0:
+            alpha = None  # kohya / LyCORIS: alpha 0 means alpha = rank
+        try:
+            modules[module] = _build_module(groups[module], alpha, alphas, module, target)
+        except AdapterShapeError as exc:
+            raise LoraError(f"LoRA {name!r}: module {module!r}: {exc}") from exc
     stray = set(key_alphas) - set(groups)
     if stray:
         raise LoraError(f"LoRA {name!r}: alpha given for modules without factors: {sorted(stray)[:3]}")
     return LoraAdapter(name=name, format=fmt, modules=modules)
+
+
+def _build_module(parts: Mapping[str, torch.Tensor], key_alpha: float | None,
+                  alphas: Mapping[str, float] | float | None, module: str, target: tuple[int, ...]):
+    """One module's adapter from its parts: LoRA (+ Tucker mid), LoHa, LoKr or full, each maybe DoRA."""
+    parts = dict(parts)
+    dora = [(parts.pop(k), k == "magnitude") for k in ("magnitude", "dora_scale") if k in parts]
+    if set(parts) & LYCORIS_PARTS:
+        extra = set(parts) - LYCORIS_PARTS
+        if extra:
+            raise AdapterShapeError(f"mixes LyCORIS tensors with {sorted(extra)}")
+        inner = build_lycoris(parts, key_alpha)
+    else:
+        if not {"A", "B"} <= set(parts):
+            missing = "up/B" if "B" not in parts else "down/A"
+            raise AdapterShapeError(f"has no {missing} factor")
+        A, B = parts["A"], parts["B"]
+        rank = int(A.shape[0])
+        alpha = key_alpha if key_alpha is not None else _given_alpha(alphas, module, rank)
+        inner = LoraFactors(A=A, B=B, alpha=float(alpha), rank=rank, mid=parts.get("mid"))
+    inner.check(target)
+    if not dora:
+        return inner
+    if len(dora) > 1:
+        raise AdapterShapeError("has both lora_magnitude_vector and dora_scale")
+    scale, peft = dora[0]
+    return wrap_dora(inner, scale, target, peft=peft)
 
 
 def _given_alpha(alphas: Mapping[str, float] | float | None, module: str, rank: int) -> float:
@@ -256,42 +282,50 @@ def _given_alpha(alphas: Mapping[str, float] | float | None, module: str, rank: 
     return float(alphas)
 
 
-def _check_shapes(name: str, module: str, A: torch.Tensor, B: torch.Tensor, target: tuple[int, ...]) -> None:
+def _check_shapes(A: torch.Tensor, B: torch.Tensor, target: tuple[int, ...], mid: torch.Tensor | None = None) -> None:
     """Refuse factors whose product cannot have the module's weight shape."""
-    where = f"LoRA {name!r}: module {module!r}"
     if A.ndim not in (2, 4) or B.ndim not in (2, 4):
-        raise LoraError(f"{where}: factors must be 2-D or 4-D, got A{tuple(A.shape)} B{tuple(B.shape)}")
+        raise AdapterShapeError(f"factors must be 2-D or 4-D, got A{tuple(A.shape)} B{tuple(B.shape)}")
     rank = A.shape[0]
-    if B.shape[1] != rank:
-        raise LoraError(f"{where}: rank mismatch, A{tuple(A.shape)} vs B{tuple(B.shape)}")
     if rank <= 0:
-        raise LoraError(f"{where}: rank must be positive, got {rank}")
+        raise AdapterShapeError(f"rank must be positive, got {rank}")
     if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
-        raise LoraError(f"{where}: up/B factor must be 1x1, got {tuple(B.shape)}")
+        raise AdapterShapeError(f"up/B factor must be 1x1, got {tuple(B.shape)}")
+    if mid is not None:
+        fits = (len(target) == 4 and mid.ndim == 4 and tuple(mid.shape[:2]) == (B.shape[1], rank)
+                and A.numel() == rank * target[1] and tuple(mid.shape[2:]) == tuple(target[2:])
+                and B.shape[0] == target[0])
+        if not fits:
+            raise AdapterShapeError(f"Tucker factors up{tuple(B.shape)} mid{tuple(mid.shape)} down{tuple(A.shape)} "
+                                    f"do not make weight {tuple(target)}")
+        return
+    if B.shape[1] != rank:
+        raise AdapterShapeError(f"rank mismatch, A{tuple(A.shape)} vs B{tuple(B.shape)}")
     d_out = B.shape[0]
     d_in_numel = math.prod(A.shape[1:])
     if d_out != target[0] or d_in_numel != math.prod(target[1:]):
-        raise LoraError(
-            f"{where}: delta of shape ({d_out}, {d_in_numel}) does not fit weight {tuple(target)} "
+        raise AdapterShapeError(
+            f"delta of shape ({d_out}, {d_in_numel}) does not fit weight {tuple(target)} "
             f"(A{tuple(A.shape)} B{tuple(B.shape)})"
         )
     if len(target) == 4 and A.ndim == 4 and tuple(A.shape[1:]) != tuple(target[1:]):
-        raise LoraError(f"{where}: conv factor A{tuple(A.shape)} does not match weight {tuple(target)}")
+        raise AdapterShapeError(f"conv factor A{tuple(A.shape)} does not match weight {tuple(target)}")
 
 
 def lora_delta(
-    factors: LoraFactors,
+    factors,
     target_shape: tuple[int, ...],
     *,
     dtype: torch.dtype = torch.float32,
     adapter: str = "lora",
     module: str = "?",
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Low-rank update ``dW = alpha / rank * B @ A`` in fp32, reshaped to the weight (Eq. 8)."""
-    A = factors.A.detach().to(torch.float32)
-    B = factors.B.detach().to(torch.float32)
-    delta = B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)  # (d_out, d_in * kh * kw)
-    delta = (delta * factors.scale).reshape(target_shape)
+    """A module's ``dW`` in fp32, reshaped to the weight (Eq. 8); ``base`` (W_init) for DoRA."""
+    try:
+        delta = factors.delta(target_shape, base) if factors.needs_base else factors.delta(target_shape)
+    except AdapterShapeError as exc:
+        raise LoraError(f"LoRA {adapter!r}: module {module!r}: {exc}") from exc
     if not torch.isfinite(delta).all():
         raise LoraError(f"LoRA {adapter!r}: non-finite delta for module {module!r}")
     return delta.to(dtype)
@@ -301,10 +335,35 @@ def adapter_deltas(
     adapter: LoraAdapter,
     module_shapes: Mapping[str, tuple[int, ...]],
     modules: Iterable[str] | None = None,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """fp32 deltas of every (or the selected) module of an adapter, keyed by module name."""
+    """fp32 deltas of every (or the selected) module of an adapter, keyed by module name.
+
+    ``weights`` (module -> W_init) is needed only while the adapter has unbaked DoRA modules.
+    """
     wanted = adapter.modules.keys() if modules is None else [m for m in modules if m in adapter.modules]
     return {
-        m: lora_delta(adapter.modules[m], tuple(module_shapes[m]), adapter=adapter.name, module=m)
+        m: lora_delta(adapter.modules[m], tuple(module_shapes[m]), adapter=adapter.name, module=m,
+                      base=None if weights is None else weights.get(m))
         for m in wanted
     }
+
+
+def bake_adapter(adapter: LoraAdapter, weights: Mapping[str, torch.Tensor]) -> LoraAdapter:
+    """Turn DoRA modules into fixed deltas against ``weights`` (module -> the W_init they apply to).
+
+    Other modules are kept as they are; an adapter without DoRA is returned unchanged.
+    """
+    if not adapter.needs_base:
+        return adapter
+    modules = dict(adapter.modules)
+    for m, f in adapter.modules.items():
+        if not f.needs_base:
+            continue
+        if m not in weights:
+            raise LoraError(f"LoRA {adapter.name!r}: no base weight for DoRA module {m!r}")
+        W = weights[m]
+        delta = lora_delta(f, tuple(W.shape), adapter=adapter.name, module=m, base=W)
+        modules[m] = BakedDelta(delta, f.kind, f.rank)
+    return replace(adapter, modules=modules)

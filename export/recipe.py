@@ -2,7 +2,10 @@
 
 ```
 [base]
-path = "models/sdxl"            # diffusers folder (SD 1.5 or SDXL, detected from the config)
+path = "models/sdxl"            # diffusers folder (SD 1.5 or SDXL, detected from the config),
+                                # or a single-file checkpoint "models/sdxl.safetensors"
+variant = "fp16"                # optional: weight variant (default: the one the folder holds)
+config = "models/sdxl-configs"  # single file only: folder with tokenizer/ (tokenizer_2/), configs
 backbone = "models/w_init_unet" # optional: W_init UNet folder (Rank-FT output)
 routing = "sdxl"                # preset name, or [base.routing] content = [...], style = [...]
 [[lora]]
@@ -77,6 +80,8 @@ class Recipe:
     loras: tuple[LoraSpec, ...]
     defaults_table: Mapping[str, Any] = field(default_factory=dict)
     engine_table: Mapping[str, Any] = field(default_factory=dict)
+    variant: str | None = None  # weight variant to prefer (``fp16``)
+    config: Path | None = None  # configs / tokenizers of a single-file base
 
     def lora(self, name: str) -> LoraSpec:
         for spec in self.loras:
@@ -122,12 +127,28 @@ def parse_recipe(data: Mapping[str, Any], path: Path) -> Recipe:
     base = data.get("base")
     if not isinstance(base, Mapping):
         raise _fail(path, "[base]", "missing table")
-    extra = set(base) - {"path", "backbone", "routing"}
+    extra = set(base) - {"path", "backbone", "routing", "variant", "config"}
     if extra:
         raise _fail(path, "[base]", f"unknown keys {sorted(extra)}")
     base_path = _resolve(path, base.get("path"), "base.path")
-    if not base_path.is_dir():
+    if base_path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise _fail(path, "base.path", f"pickle checkpoints are refused (they can run code when loaded); "
+                                       f"use the .safetensors file: {base_path}")
+    single_file = base_path.suffix.lower() == ".safetensors"
+    if single_file and not base_path.is_file():
+        raise _fail(path, "base.path", f"single-file checkpoint not found: {base_path}")
+    if not single_file and not base_path.is_dir():
         raise _fail(path, "base.path", f"folder not found: {base_path}")
+    variant = base.get("variant")
+    if variant is not None and (not isinstance(variant, str) or not NAME_RE.match(variant)):
+        raise _fail(path, "base.variant", f"must be a name like 'fp16', got {variant!r}")
+    config = None
+    if base.get("config") is not None:
+        config = _resolve(path, base["config"], "base.config")
+        if not config.is_dir():
+            raise _fail(path, "base.config", f"folder not found: {config}")
+        if not single_file:
+            raise _fail(path, "base.config", "only a single-file base.path (.safetensors) takes a config folder")
     backbone = None
     if base.get("backbone") is not None:
         backbone = _resolve(path, base["backbone"], "base.backbone")
@@ -146,7 +167,7 @@ def parse_recipe(data: Mapping[str, Any], path: Path) -> Recipe:
     engine = data.get("engine", {})
     if not isinstance(defaults, Mapping) or not isinstance(engine, Mapping):
         raise _fail(path, "[defaults]/[engine]", "must be tables")
-    recipe = Recipe(path, base_path, backbone, routing, loras, dict(defaults), dict(engine))
+    recipe = Recipe(path, base_path, backbone, routing, loras, dict(defaults), dict(engine), variant, config)
     _defaults(path, "sd15", defaults)  # validate keys and values early
     return recipe
 

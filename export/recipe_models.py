@@ -14,7 +14,7 @@ from pathlib import Path
 from craft_ops.lora import LoraAdapter
 from craft_ops.routing import RoutingError
 
-from .loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes
+from .loading import PipelineParts, load_lora, load_pipeline_parts, unet_module_shapes, unet_weights
 from .recipe import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,16 @@ class RecipeModels:
 def load_recipe_models(recipe: Recipe | Path | str) -> RecipeModels:
     """Load the pipeline and every LoRA of a recipe (a :class:`Recipe` or a recipe file)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    parts = load_pipeline_parts(recipe.base, backbone=recipe.backbone)
+    parts = load_pipeline_parts(recipe.base, backbone=recipe.backbone, variant=recipe.variant, config=recipe.config)
     shapes = unet_module_shapes(parts.unet)
     try:
         recipe.routing.check_against(list(shapes))
     except RoutingError as exc:
         raise RecipeError(f"{recipe.path}: base.routing: {exc}") from exc
+    weights = unet_weights(parts.unet)  # DoRA bakes against the weights it is applied to (W_init)
     loras, metadata = {}, {}
     for spec in recipe.loras:
-        adapter, header = load_lora(spec.path, shapes, name=spec.name)
+        adapter, header = load_lora(spec.path, shapes, name=spec.name, weights=weights)
         declared = header.get("craft.kind")
         if declared and declared != spec.kind:
             log.warning("LoRA %s is declared %s in its metadata but %s in the recipe", spec.name, declared, spec.kind)

@@ -1,2 +1,2 @@
-"""The PyTorch reference: public architecture configs, tiny / full-size model builders, demo assets,
+"""The PyTorch reference: tiny / full-size model builders, demo assets,
 and the in-process reference pipeline (the ground truth for engines and server)."""

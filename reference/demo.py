@@ -17,7 +17,6 @@ what keeps them out, and that is observable in the outputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from craft_export.loading import unet_module_shapes
+from craft_export.lora_files import adapter_metadata
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def write_demo_assets(out: Path, *, seed: int = 0, size: str = "tiny", arches: t
                 sd = {k: v if v.ndim == 0 else v.half() for k, v in sd.items()}
             metadata = {"craft.kind": kind, "craft.arch": arch, "craft.rank": str(rank)}
             if fmt == "peft":
-                metadata["lora_adapter_metadata"] = json.dumps({"r": rank, "lora_alpha": alpha})
+                metadata["lora_adapter_metadata"] = adapter_metadata({m: rank for m in modules}, alpha)
             save_file(sd, str(out / "loras" / f"{lora_stem}-{name}.safetensors"), metadata=metadata)
         (out / recipe).write_text(recipe_text(arch, size=size))
         log.info("wrote %s %s demo assets", size, arch)

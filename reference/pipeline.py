@@ -63,7 +63,8 @@ class ReferencePipeline:
         """A pipeline from a diffusers folder and ``{name: (kind, path)}`` LoRA files."""
         parts = load_pipeline_parts(path)
         shapes = unet_module_shapes(parts.unet)
-        loaded = [LoadedLora(n, kind, load_lora(p, shapes, name=n)[0]) for n, (kind, p) in loras.items()]
+        weights = unet_weights(parts.unet)
+        loaded = [LoadedLora(n, kind, load_lora(p, shapes, name=n, weights=weights)[0]) for n, (kind, p) in loras.items()]
         return cls(parts, routing, loaded)
 
     # -- catalog and weights -------------------------------------------------------------

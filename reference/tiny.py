@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures import CLIP_BIGG, CLIP_L, CLIP_TOKENS, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG, VAE_SCALING
+from craft_export.architectures import CLIP_BIGG, CLIP_L, CLIP_TOKENS, SCHEDULER_CONFIG, UNET_CONFIGS, VAE_CONFIG, VAE_SCALING
 
 __all__ = ["SIZES", "TINY_CONFIGS", "build_pipeline", "build_tiny_pipeline", "write_clip_tokenizer"]
 

@@ -179,7 +179,7 @@ def _check_routed(path: Path, kind: str, arch: str, shapes) -> object:
     adapter, metadata = load_lora(path, shapes, name=path.stem)
     assert metadata["craft.kind"] == kind and metadata["craft.arch"] == arch
     assert metadata["craft.routing"] == arch and metadata["craft.rank"] == "4"
-    assert json.loads(metadata["lora_adapter_metadata"]) == {"r": 4, "lora_alpha": 4.0}
+    assert json.loads(metadata["lora_adapter_metadata"]) == {"unet.r": 4, "unet.lora_alpha": 4.0, "unet.target_modules": sorted(modules)}
     assert set(adapter.modules) == modules and adapter.rank == 4
     return adapter
 

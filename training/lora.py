@@ -30,6 +30,7 @@ from torch import nn
 
 from craft_ops.gates import parse_prompt
 from craft_ops.routing import Routing, resolve_routing
+from craft_export.lora_files import adapter_metadata
 
 from .common import (
     NoiseSchedule,
@@ -201,7 +202,7 @@ def save_lora(config: LoraTrainConfig, lora: LoraSet, arch: str, routing: Routin
         "craft.routing_sets": json.dumps(routing.as_dict()), "craft.rank": str(config.rank),
         "craft.prompt": config.prompt, "craft.steps": str(config.steps),
         "craft.backbone": str(config.backbone.resolve()) if config.backbone else "",
-        "lora_adapter_metadata": json.dumps({"r": config.rank, "lora_alpha": config.lora_alpha}),
+        "lora_adapter_metadata": adapter_metadata({n: config.rank for n in lora.names}, config.lora_alpha),
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora.peft_state_dict(), str(config.out), metadata=metadata)
