@@ -118,6 +118,40 @@ def test_checkpoint_scheduler_config_is_honoured(demo_dir, tmp_path):
         make_scheduler("dpmpp_sde", config)
 
 
+def test_vae_latent_statistics_decode_as_diffusers(sdxl, demo_dir, tmp_path):
+    """A VAE config with latents_mean / latents_std (and a shift_factor neither pipeline reads): SDXL
+    decodes ``latents * std / scaling_factor + mean`` as StableDiffusionXLPipeline does; SD 1.5's
+    pipeline ignores the statistics, and so does the SD 1.5 decoder here."""
+    from craft_export.networks import VaeDecoderNet
+
+    stats = {"latents_mean": [0.3, -0.2, 0.1, 0.5], "latents_std": [0.8, 1.3, 0.9, 1.1], "shift_factor": 0.4}
+    folder = tmp_path / "sdxl-stats"
+    shutil.copytree(demo_dir / "sdxl-tiny", folder)
+    config_file = folder / "vae" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **stats}))
+    ref = ReferencePipeline.from_folder(folder, resolve_routing("sdxl"))
+    assert ref.vae.has_latent_stats
+    ours = ref.generate(_request("euler", 4.0))
+    theirs = diffusers_images(load_diffusers(folder, "sdxl"), "a photo of a dog", scheduler="euler", seed=5,
+                              steps=STEPS, omega=4.0, negative=None)
+    assert max_diff(ours, theirs) <= 1
+    plain = sdxl[0].generate(_request("euler", 4.0))  # the same folder without the statistics
+    assert mean_diff(ours, plain) > 1.0
+    vae = ref.parts.vae
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(VaeDecoderNet(vae, "sd15")(latents),
+                       (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1))
+    # the exported decoder (what the server runs) carries the statistics
+    from craft_export.network_specs import network_specs
+    from craft_export.onnx_export import example_inputs, export_onnx
+    from craft_export.parity import run_parity
+
+    spec = network_specs("sdxl", ref.parts)["vae_decoder"]
+    export_onnx(ref.vae, spec, example_inputs(spec, hw=(64, 64), batch=2), tmp_path / "vae" / "model.onnx")
+    report = run_parity(ref.vae, tmp_path / "vae" / "model.onnx", spec, [example_inputs(spec, hw=(64, 96), seed=3)])
+    assert report["worst_abs_err"] < 1e-4
+
+
 class _Linear:
     """eps = k * x on each branch; records the variant of every conditional call."""
 
