@@ -327,7 +327,7 @@ class Parts:
         self.unet_net = UNetNet(self.unet)
         self.encoder_nets = [TextEncoderNet(e, penultimate=arch == "sdxl", pooled=i == 1)
                              for i, e in enumerate(self.text_encoders)]
-        self.vae_net = VaeDecoderNet(self.vae)
+        self.vae_net = VaeDecoderNet(self.vae, arch)
         self.latent_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
 
     def fingerprint(self) -> str:

@@ -13,7 +13,7 @@ import torch
 from .request import Plan, group_noise
 from .sampling import Denoiser, make_scheduler, sample
 
-__all__ = ["tokenize", "build_conditioning", "to_uint8", "unet_inputs", "run_plan"]
+__all__ = ["tokenize", "build_conditioning", "zero_conditioning", "to_uint8", "unet_inputs", "run_plan"]
 
 Encode = Callable[[Sequence[str], int, int], dict[str, torch.Tensor]]
 
@@ -51,6 +51,15 @@ def build_conditioning(
     return cond
 
 
+def zero_conditioning(cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unconditional branch of an empty negative prompt under SDXL's ``force_zeros_for_empty_prompt``.
+
+    As diffusers' ``StableDiffusionXLPipeline.encode_prompt``: zero context and zero pooled embedding
+    (batch 1, shaped like ``cond``'s); ``time_ids`` unchanged, i.e. those of the conditional branch.
+    """
+    return {name: value[:1] if name == "time_ids" else torch.zeros_like(value[:1]) for name, value in cond.items()}
+
+
 def unet_inputs(x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The UNet network's named inputs for one branch: timestep as (B,) float32."""
     batch = x.shape[0]
@@ -78,14 +87,19 @@ def run_plan(
     *,
     device="cpu",
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    force_zeros_for_empty_prompt: bool = False,
 ) -> np.ndarray:
     """A planned request -> (N, H, W, 3) uint8 images in prompt order.
 
     One sampling loop per prompt group (same LoRAs and settings), seeded noise per prompt;
     ``callback(step, total, latents)`` counts steps over all groups. The reference and
     the served pipeline both run this, with their own encode / denoise / decode.
+    ``force_zeros_for_empty_prompt`` (the SDXL checkpoint's ``model_index.json`` setting): an
+    empty negative prompt gives zero embeddings (:func:`zero_conditioning`) instead of the
+    encoded empty string, on the unconditional branch of ACFG and CFG alike.
     """
-    uncond = encode([plan.negative_prompt], plan.height, plan.width)
+    zeros = force_zeros_for_empty_prompt and plan.negative_prompt == ""
+    uncond = None if zeros else encode([plan.negative_prompt], plan.height, plan.width)
     total = sum(g.config.steps for g in plan.groups)
     done = 0
 
@@ -96,6 +110,8 @@ def run_plan(
     images: list[np.ndarray | None] = [None] * plan.num_prompts
     for group in plan.groups:
         cond = encode(group.texts, plan.height, plan.width)
+        if uncond is None:
+            uncond = zero_conditioning(cond)
         noise, generator = group_noise(group, latent_shape, device)
         scheduler = make_scheduler(plan.scheduler, scheduler_config)
         latents = sample(denoise, scheduler, noise, cond, uncond, group.config, generator=generator, callback=on_step)

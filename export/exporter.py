@@ -169,6 +169,7 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
         networks={j.name: j.name for j in jobs if j.network != "unet"}, models={j.name: records[j.name] for j in jobs},
         assets=assets, defaults=loaded.recipe.defaults(parts.arch),
         engine=EngineInfo(engine.min_size, engine.opt_size, engine.max_size, engine.max_batch),
+        force_zeros_for_empty_prompt=bool(parts.extra.get("force_zeros_for_empty_prompt", False)),
     )
 
 

@@ -80,8 +80,12 @@ def manifest_json(*, arch: str, base: Path, backbone: Path | None, routing: Rout
                   runner: str, latent_scale: int, latent_channels: int, loras: Sequence[LoraRecord],
                   pairs: Sequence[tuple[str, str]], variants: Sequence[Mapping[str, Any]],
                   networks: Mapping[str, str], models: Mapping[str, Mapping[str, Any]], assets: Mapping[str, str],
-                  defaults: Defaults, engine: EngineInfo) -> dict[str, Any]:
-    """The manifest of a repository, as written (``models``: each model's export record)."""
+                  defaults: Defaults, engine: EngineInfo, force_zeros_for_empty_prompt: bool = False) -> dict[str, Any]:
+    """The manifest of a repository, as written (``models``: each model's export record).
+
+    ``force_zeros_for_empty_prompt``: the SDXL checkpoint's ``model_index.json`` setting (diffusers'
+    default true; always false for SD 1.5), which the served pipeline applies to an empty negative prompt.
+    """
     return {
         "format_version": FORMAT_VERSION,
         "arch": arch,
@@ -90,6 +94,7 @@ def manifest_json(*, arch: str, base: Path, backbone: Path | None, routing: Rout
         "routing": routing.as_dict(),
         "runtime": runtime, "precision": precision, "runner": runner,
         "latent_scale": latent_scale, "latent_channels": latent_channels,
+        "force_zeros_for_empty_prompt": bool(force_zeros_for_empty_prompt),
         "loras": [lora.to_json() for lora in loras],
         "pairs": [list(p) for p in pairs],
         "variants": list(variants),

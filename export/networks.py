@@ -61,15 +61,35 @@ class TextEncoderNet(nn.Module):
 
 
 class VaeDecoderNet(nn.Module):
-    """Scaled latents -> image in [0, 1], NCHW float."""
+    """Scaled latents -> image in [0, 1], NCHW float, decoded as diffusers' SD / SDXL pipelines do.
 
-    def __init__(self, vae: nn.Module):
+    SD 1.5 (``StableDiffusionPipeline``): ``latents / scaling_factor``. SDXL
+    (``StableDiffusionXLPipeline``): ``latents * latents_std / scaling_factor + latents_mean`` per
+    channel when the VAE config has both statistics, else ``latents / scaling_factor``. Neither
+    pipeline uses the config's ``shift_factor`` (an SD3 / Flux VAE entry), so it is ignored here too.
+    The exported decoder is this module, so the served pipeline decodes the same way.
+    """
+
+    def __init__(self, vae: nn.Module, arch: str = "sd15"):
         super().__init__()
         self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
+        config = vae.config
+        self.scaling_factor = float(config.scaling_factor)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.has_latent_stats = arch == "sdxl" and mean is not None and std is not None
+        if self.has_latent_stats:
+            self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                                 persistent=False)
+            self.register_buffer("latents_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+                                 persistent=False)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:  # (B, 4, h, w) -> (B, 3, 8h, 8w)
-        image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
+        if self.has_latent_stats:
+            mean, std = self.latents_mean.to(latent.dtype), self.latents_std.to(latent.dtype)  # (1, 4, 1, 1)
+            latent = latent * std / self.scaling_factor + mean
+        else:
+            latent = latent / self.scaling_factor
+        image = self.vae.decode(latent, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
 
 
@@ -87,4 +107,4 @@ def pipeline_nets(parts) -> PipelineNets:
     use their penultimate layer and the second returns the pooled embedding (DESIGN-NOTES 6)."""
     sdxl = parts.arch == "sdxl"
     encoders = [TextEncoderNet(enc, penultimate=sdxl, pooled=i == 1) for i, enc in enumerate(parts.text_encoders)]
-    return PipelineNets(UNetNet(parts.unet), encoders, VaeDecoderNet(parts.vae))
+    return PipelineNets(UNetNet(parts.unet), encoders, VaeDecoderNet(parts.vae, parts.arch))

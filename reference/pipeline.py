@@ -105,6 +105,12 @@ class ReferencePipeline:
 
     # -- the whole method ----------------------------------------------------------------------
 
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's ``model_index.json`` setting (diffusers' default true): an empty negative prompt
+        gives zero unconditional embeddings."""
+        return bool(self.parts.extra.get("force_zeros_for_empty_prompt", False))
+
     def plan(self, request: GenerateRequest) -> Plan:
         return plan_request(request, self.catalog(), self.defaults, self.limits)
 
@@ -118,4 +124,4 @@ class ReferencePipeline:
         scale = self.parts.latent_scale
         latent_shape = (self.parts.unet.config.in_channels, plan.height // scale, plan.width // scale)
         return run_plan(plan, self.encode, self.denoise, self.decode, latent_shape, self.parts.scheduler_config,
-                        callback=callback)
+                        callback=callback, force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)

@@ -55,6 +55,8 @@ class RepoView:
     runtime: str | None  # "onnxruntime" | "tensorrt"
     precision: str | None
     runner: str | None  # "native" | "python"
+    # SDXL: an empty negative prompt gives zero unconditional embeddings (the checkpoint's setting)
+    force_zeros_for_empty_prompt: bool = False
 
     def model_for(self, variant: Variant) -> str | None:
         return self.variants.get(variant)
@@ -100,4 +102,16 @@ def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
         inside(root, name)
     return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, loras, engine,
                     latent_scale=int(raw.get("latent_scale", 8)), latent_channels=int(raw.get("latent_channels", 4)),
-                    runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"))
+                    runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"),
+                    force_zeros_for_empty_prompt=_force_zeros(raw))
+
+
+def _force_zeros(raw: Mapping[str, Any]) -> bool:
+    """The manifest's ``force_zeros_for_empty_prompt``; manifests written before it was recorded get
+    diffusers' default for the architecture (SDXL true, SD 1.5 false)."""
+    value = raw.get("force_zeros_for_empty_prompt")
+    if value is None:
+        return raw["arch"] == "sdxl"
+    if not isinstance(value, bool):
+        raise ManifestError(f"force_zeros_for_empty_prompt must be true or false, got {value!r}")
+    return value

@@ -190,5 +190,6 @@ class PipelineRuntime:
                 progress(step, total, latents)
 
         images = run_plan(plan, self.encode, self.denoise, self.decode, latent_shape, self.scheduler_config,
-                          device=self.device, callback=callback)
+                          device=self.device, callback=callback,
+                          force_zeros_for_empty_prompt=self.repo.force_zeros_for_empty_prompt)
         return images, plan

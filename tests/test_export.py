@@ -67,6 +67,26 @@ def test_repository_layout_and_manifest(repos, arch):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_manifest_carries_force_zeros_for_empty_prompt(repos, arch, tmp_path):
+    """The checkpoint's setting is written; manifests from before it get diffusers' default per arch."""
+    from craft_serving.manifest import ManifestError
+
+    repo, _, _ = repos[arch]
+    raw = _manifest(repo)
+    assert raw["force_zeros_for_empty_prompt"] is (arch == "sdxl")  # the tiny SDXL folder sets it, as SDXL base
+    for value, expected in ((None, arch == "sdxl"), (False, False), (True, True), ("yes", ManifestError)):
+        older = {k: v for k, v in raw.items() if k != "force_zeros_for_empty_prompt"}
+        if value is not None:
+            older["force_zeros_for_empty_prompt"] = value
+        (tmp_path / "manifest.json").write_text(json.dumps(older))
+        if expected is ManifestError:
+            with pytest.raises(ManifestError, match="force_zeros_for_empty_prompt"):
+                read_manifest(tmp_path)
+        else:
+            assert read_manifest(tmp_path).force_zeros_for_empty_prompt is expected
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_config_pbtxt_matches_onnx(repos, arch):
     repo, _, _ = repos[arch]
     for model in _manifest(repo)["models"]:

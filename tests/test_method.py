@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,6 +181,45 @@ def test_cfg_mode_uses_same_weights_on_both_branches():
     conds = [v for c, v, _ in den.calls if c == "cond"]
     unconds = [v for c, v, _ in den.calls if c == "uncond"]
     assert conds == unconds and Variant("dog", 1.0) in conds
+
+
+@pytest.mark.parametrize("mode", ["acfg", "cfg"])
+def test_force_zeros_for_empty_prompt_zeroes_the_unconditional_branch(mode):
+    """SDXL's force_zeros_for_empty_prompt: an empty negative prompt is never encoded; the unconditional
+    branch gets zero context and pooled embeddings and the conditional branch's time ids, in both modes."""
+    from craft_ops.conditioning import build_conditioning, run_plan
+    from craft_ops.request import GenerateRequest, LoraInfo, plan_request
+
+    encoded: list[tuple[str, ...]] = []
+
+    def encode(texts, height, width):
+        encoded.append(tuple(texts))
+        hidden = torch.full((len(texts), 77, 8), 2.0)
+        return build_conditioning("sdxl", [hidden], torch.full((len(texts), 4), 3.0), height, width)
+
+    seen = []
+
+    def denoise(calls):
+        seen.append([(c.variant, {k: v.clone() for k, v in c.cond.items()}) for c in calls])
+        return [0.1 * c.x for c in calls]
+
+    catalog = {"dog": LoraInfo("dog", "content", None)}
+    for negative, zeros in (("", True), (" ", False)):
+        encoded.clear(), seen.clear()
+        request = GenerateRequest(prompts=("a dog <c>", "a cat <c>"), negative_prompt=negative, content="dog",
+                                  steps=3, guidance=2.0, height=64, width=96, mode=mode)
+        plan = plan_request(request, catalog)
+        config = {"num_train_timesteps": 1000}
+        images = run_plan(plan, encode, denoise, lambda x: np.zeros((x.shape[0], 2, 2, 3), np.uint8), (4, 8, 12),
+                          config, force_zeros_for_empty_prompt=True)
+        assert images.shape == (2, 2, 2, 3)
+        assert encoded == ([] if zeros else [(negative,)]) + [("a dog", "a cat")]
+        for (v_cond, cond), (v_uncond, uncond) in seen:
+            assert v_uncond == (BASE if mode == "acfg" else v_cond)
+            assert torch.equal(uncond["time_ids"], cond["time_ids"][:1])
+            for name in ("encoder_hidden_states", "text_embeds"):
+                assert uncond[name].shape[1:] == cond[name].shape[1:]
+                assert bool((uncond[name] == 0).all()) is zeros, (negative, name)
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "ddim"])

@@ -114,6 +114,24 @@ def test_served_image_matches_reference(served, ref_pipes, arch, case):
     assert _close(got, ref), f"max diff {np.abs(got.astype(int) - ref.astype(int)).max()}"
 
 
+def test_sdxl_empty_negative_prompt_follows_the_checkpoint(served, ref_pipes):
+    """force_zeros_for_empty_prompt travels in the manifest: the served SDXL pipeline gives an empty
+    negative prompt zero embeddings, as the reference (and diffusers) do, and encodes a blank one."""
+    from craft_serving.manifest import read_manifest
+
+    assert read_manifest(served["sdxl"].repo).force_zeros_for_empty_prompt is True
+    assert read_manifest(served["sd15"].repo).force_zeros_for_empty_prompt is False
+    images = {}
+    with served["sdxl"].client() as client:
+        for negative in ("", " "):
+            got = client.generate("a house", negative_prompt=negative, mode="cfg", **_fields()).images
+            want = ref_pipes["sdxl"].generate(GenerateRequest(prompts=("a house",), negative_prompt=negative,
+                                                              mode="cfg", **_fields()))
+            assert _close(got, want), f"negative {negative!r}: max diff {np.abs(got.astype(int) - want.astype(int)).max()}"
+            images[negative] = got
+    assert np.abs(images[""].astype(int) - images[" "].astype(int)).mean() > 1.0
+
+
 def test_cli_generate_matches_local(served, tmp_path):
     s = served["sd15"]
     args = ["--prompt", "a dog <c> in watercolor style <s>", "--content", "dog", "--style", "watercolor",
