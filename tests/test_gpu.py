@@ -76,10 +76,10 @@ def test_gpu_bench_dry_run_on_tiny_models_exercises_the_torch_paths(tmp_path):
     assert r.returncode == 0, r.stderr
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
     sd15 = record["arches"]["sd15"]
+    assert sd15["unet"]["flop_per_sample"] > 0  # counted on the (tiny) model timed
     for batch in ("1", "2"):
         row = sd15["unet"]["batches"][batch]["torch_fp16_eager"]
-        assert row["finite"] and row["median_ms"] > 0
-        assert "tflops" not in row  # FLOP counts are for full-size models only
+        assert row["finite"] and row["median_ms"] > 0 and row["tflops"] > 0
     assert "skipped" in sd15["unet"]["engine"] and "skipped" in sd15["e2e"]["trt"]
     runs = sd15["e2e"]["runs"]
     assert runs["torch_acfg"]["per_step_ms"] > 0 and runs["torch_cfg"]["per_step_ms"] > 0
@@ -267,6 +267,7 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
     from craft_export.specs import ImageRange
     from craft_export.tensorrt_build import EngineBuild
+    from craft_export.trt_policy import profile_batch
     from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos["sd15"]
@@ -280,7 +281,8 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     for name in refits[:2]:
         folder = repo / name / "1"
         refit = TrtSession(folder / "model.plan")
-        fresh = TrtSession(EngineBuild("fp16").build(folder / "model.onnx", spec.profile(image_range), refittable=True))
+        profile = spec.profile(image_range, profile_batch("unet", spec.max_batch))  # as craft export builds it
+        fresh = TrtSession(EngineBuild("fp16").build(folder / "model.onnx", profile, refittable=True))
         for hw, batch, seed in CASES[:2]:
             inputs = {k: v.cuda() for k, v in example_inputs(spec, hw=hw, batch=batch, seed=seed).items()}
             a = refit.run_torch(inputs)["noise_pred"].double()
