@@ -67,28 +67,32 @@ def test_trt_runner_imports_without_tensorrt_and_bench_skips_without_gpu(tmp_pat
 
 
 def test_gpu_bench_dry_run_on_tiny_models_exercises_the_torch_paths(tmp_path):
-    # --tiny: the benchmark's PyTorch paths (UNet step timing, whole ACFG / CFG images through
-    # craft_ops.sampling, the diffusers PEFT baseline where peft is installed) on CPU tiny models
+    # --tiny: the benchmark's PyTorch paths (UNet step timing and FLOP count, whole ACFG / CFG images
+    # through craft_ops.sampling, the diffusers PEFT baseline where peft is installed) on CPU tiny
+    # models, SD 1.5 and SDXL
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--quick", "--arch", "sd15",
+    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--quick", "--arch", "sd15,sdxl",
                         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
-    sd15 = record["arches"]["sd15"]
-    assert sd15["unet"]["flop_per_sample"] > 0  # counted on the (tiny) model timed
-    for batch in ("1", "2"):
-        row = sd15["unet"]["batches"][batch]["torch_fp16_eager"]
-        assert row["finite"] and row["median_ms"] > 0 and row["tflops"] > 0
-    assert "skipped" in sd15["unet"]["engine"] and "skipped" in sd15["e2e"]["trt"]
-    runs = sd15["e2e"]["runs"]
-    assert runs["torch_acfg"]["per_step_ms"] > 0 and runs["torch_cfg"]["per_step_ms"] > 0
-    diffusers = sd15["diffusers"]
-    if "runs" in diffusers:  # peft installed (the gpu extra)
-        assert diffusers["runs"]["diffusers_lora_unfused"]["median_ms"] > 0
-        assert diffusers["peft_wrapped_modules"] == diffusers["lora_modules"]
-    else:
-        assert "peft" in json.dumps(diffusers)
+    for arch in ("sd15", "sdxl"):
+        sections = record["arches"][arch]
+        assert not [k for k, v in sections.items() if "error" in v], sections
+        assert sections["unet"]["flop_per_sample"] > 0  # counted on the (tiny) model timed
+        for batch in ("1", "2"):
+            row = sections["unet"]["batches"][batch]["torch_fp16_eager"]
+            assert row["finite"] and row["median_ms"] > 0 and row["tflops"] > 0
+        assert "skipped" in sections["unet"]["engine"] and "skipped" in sections["e2e"]["trt"]
+        runs = sections["e2e"]["runs"]
+        assert runs["torch_acfg"]["per_step_ms"] > 0 and runs["torch_cfg"]["per_step_ms"] > 0
+        diffusers = sections["diffusers"]
+        if "runs" in diffusers:  # peft installed (the gpu extra)
+            assert diffusers["runs"]["diffusers_lora_unfused"]["median_ms"] > 0
+            assert diffusers["runs"]["diffusers_lora_fused"]["median_ms"] > 0
+            assert diffusers["peft_wrapped_modules"] == diffusers["lora_modules"]
+        else:
+            assert "peft" in json.dumps(diffusers)
 
 
 class _FakeSession:
