@@ -245,6 +245,38 @@ def test_trt_session_matches_onnxruntime(trt_repos, ref_pipes, arch):
 
 
 @pytest.mark.gpu
+def test_fp16_unet_keeps_the_time_embeddings_in_fp32(trt_repos, ref_pipes):
+    """TensorRT's parser names layers after the ONNX nodes, so trt_policy's patterns find the
+    sinusoidal embeddings; the fp16 engine at the largest timestep and SDXL time_ids (where fp16
+    arguments of sin / cos would be off by a whole period) matches ONNX Runtime."""
+    import tensorrt as trt
+
+    from craft_export.onnx_export import example_inputs
+    from craft_export.ort import OrtSession
+    from craft_export.tensorrt_build import EngineBuild
+    from craft_export.trt_session import TrtSession
+
+    repo, _, view = trt_repos["sdxl"]
+    folder = repo / view.model_for(BASE) / "1"
+    build = EngineBuild("fp16")
+    builder = trt.Builder(build.logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, build.logger)
+    assert parser.parse_from_file(str(folder / "model.onnx"))
+    kept = build._keep_fp32(network, builder.create_builder_config())
+    for module in ("time_proj", "add_time_proj"):
+        for op in ("Mul", "Sin", "Cos"):
+            assert any(f"/{module}/{op}" in name for name in kept), (module, op, kept)
+    spec = _specs(ref_pipes, "sdxl")["unet"]
+    inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=(128, 128), batch=2, seed=9).items()}
+    inputs["timestep"] = np.full_like(inputs["timestep"], 999.0)
+    inputs["time_ids"] = np.tile(np.array([1536, 1024, 0, 0, 1536, 1024], np.float32), (2, 1))
+    ref = OrtSession(folder / "model.onnx")(inputs)["noise_pred"]
+    got = TrtSession(folder / "model.plan")(inputs)["noise_pred"]
+    assert np.isfinite(got).all() and _rel(got, ref) < 1e-2, _rel(got, ref)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_across_shape_changes(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
     from craft_export.trt_session import TrtSession
