@@ -240,6 +240,47 @@ def test_engine_check_fails_on_non_finite_or_large_errors():
         output_errors({"image": ref["image"][:1], "noise": ref["noise"]}, ref)
 
 
+def test_build_engine_applies_the_policy_and_fails_the_export_on_a_bad_engine(monkeypatch, tmp_path):
+    """build_engine's wiring, with TensorRT itself replaced (no GPU here): the precision and profile
+    each network is built with, the manifest fields, and the failure on a NaN output."""
+    from craft_export import tensorrt_build
+    from craft_export.options import ModelJob
+    from craft_export.specs import ImageRange
+    from craft_export.trt_policy import TensorRTError
+    from craft_ops.aggregate import BASE
+
+    builds = []
+
+    class FakeBuild:
+        def __init__(self, precision):
+            self.precision = precision
+
+        def build(self, onnx_path, profile, *, refittable):
+            builds.append((self.precision, {k: p.opt[0] for k, p in profile.items()}, refittable))
+            return b"plan"
+
+    result = {"image": {"max_abs_err": 1e-3, "ref_max_abs": 1.0, "rel_err": 1e-3}}
+    monkeypatch.setattr(tensorrt_build, "EngineBuild", FakeBuild)
+    monkeypatch.setattr(tensorrt_build, "_compare_with_onnx", lambda *a: result)
+    specs = _tiny_specs("sdxl")
+    options = SimpleNamespace(precision="fp16")
+    images = ImageRange((64, 64), (128, 128), (256, 256))
+    record = tensorrt_build.build_engine(ModelJob("vae_decoder", "vae_decoder", "k"), tmp_path / "m.onnx",
+                                         specs["vae_decoder"], options, tmp_path, image_range=images)
+    assert builds[-1] == ("fp32", {"latent": 1}, False)
+    assert record["trt_precision"] == "fp32" and record["trt_rel_err_vs_onnx"] == 1e-3
+    assert record["trt_tolerance"] == 1e-2 and (tmp_path / "model.plan").read_bytes() == b"plan"
+    result = {"noise_pred": {"max_abs_err": 0.01, "ref_max_abs": 2.0, "rel_err": 0.005}}
+    tensorrt_build.build_engine(ModelJob("unet_base", "unet", "k", (BASE,)), tmp_path / "m.onnx", specs["unet"],
+                                options, tmp_path, image_range=images)
+    precision, opt_batch, refittable = builds[-1]
+    assert precision == "fp16" and refittable and set(opt_batch.values()) == {2}
+    result = {"noise_pred": {"max_abs_err": math.nan, "ref_max_abs": 2.0, "rel_err": math.nan}}
+    with pytest.raises(TensorRTError, match="unet_base: fp16 engine output 'noise_pred' is not finite"):
+        tensorrt_build.build_engine(ModelJob("unet_base", "unet", "k", (BASE,)), tmp_path / "m.onnx", specs["unet"],
+                                    options, tmp_path, image_range=images)
+
+
 # ---------------------------------------------------------------------------------------------
 # item 6: the layers kept in fp32, selected on an exported tiny SDXL UNet's node names
 # ---------------------------------------------------------------------------------------------
