@@ -9,9 +9,10 @@ configs in shared/REFERENCE-ARCHITECTURES.md, random weights: timing does not de
   (``craft_export.onnx_export.export_onnx`` + ``craft_export.specs.network_specs``, then
   ``craft_export.tensorrt_build.EngineBuild``, refittable like the served UNets, the recipe's
   default image range, batch 1..2), run through ``craft_export.trt_session.TrtSession`` eagerly and
-  replayed as a CUDA graph. Achieved TFLOP/s = FLOP per sample (SDXL 6.76 TFLOP at 1024 px,
-  SD 1.5 0.803 at 512 px) x batch / latency, against a dense fp16 datasheet peak per device and a
-  measured fp16 matrix-product ceiling. TensorRT output vs PyTorch fp16 output: relative L2 error.
+  replayed as a CUDA graph. Achieved TFLOP/s = FLOP per sample x batch / latency, against a dense
+  fp16 datasheet peak per device and a measured fp16 matrix-product ceiling; the FLOPs are counted
+  (``torch.utils.flop_counter.FlopCounterMode``, one forward of the timed model at the bench size:
+  about 6.8 TFLOP for SDXL at 1024 px, 0.8 for SD 1.5 at 512 px). TensorRT output vs PyTorch fp16 output: relative L2 error.
   GPU memory per engine: TensorRT weights / activation scratch (``device_memory_size_v2``) / the
   driver's free-memory drop at load; PyTorch: parameter bytes and the allocator peak per forward.
 * ``e2e``: whole images, ``craft_ops.sampling.sample`` (the served loop): SDXL 30 steps at 1024 px
@@ -83,9 +84,6 @@ SCHEMA = 1
 ARCHES = ("sd15", "sdxl")
 SECTIONS = ("unet", "e2e", "diffusers")
 
-# FLOP per UNet forward per sample at the bench size (torch FlopCounterMode, 2 x MAC), and VAE decode.
-UNET_FLOP = {"sd15": 0.803e12, "sdxl": 6.76e12}
-VAE_FLOP = {"sd15": 2.51e12, "sdxl": 10.47e12}
 SIZE = {"sd15": 512, "sdxl": 1024}
 STEPS = {"sd15": 50, "sdxl": 30}
 GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}  # diffusers guidance_scale; ACFG/CFG omega = guidance - 1
@@ -185,6 +183,23 @@ def time_wall(fn: Callable[[], Any], *, warmup: int, reps: int, device) -> dict:
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return stats(times)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn``, counted by ``torch.utils.flop_counter.FlopCounterMode``: 2 per
+    multiply-add of matrix products, convolutions and attention (element-wise work is not counted).
+    The CPU attention kernel, which the counter does not know, is counted like the CUDA ones."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    custom = {cpu_op: cpu_attention} if cpu_op is not None else {}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def rel_l2(a, b) -> float:
@@ -404,15 +419,15 @@ def build_unet_engine(parts: Parts, cache: Path, onnx_weights: str) -> tuple[Pat
     import torch
 
     from craft_export.onnx_export import example_inputs, export_onnx
-    from craft_export.specs import BatchRange
     from craft_export.tensorrt_build import EngineBuild
+    from craft_export.trt_policy import profile_batch
 
     arch, spec = parts.arch, parts.specs["unet"]
     folder = cache / arch / "unet"
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path, plan_path, meta_path = folder / "model.onnx", folder / "model.plan", folder / "build.json"
     image_range = engine_image_range(arch)
-    profile = spec.profile(image_range, BatchRange(1, 1, 2))
+    profile = spec.profile(image_range, profile_batch("unet", 2))  # batch 1..2, tuned for 2 as craft export does
     onnx_key = {"fingerprint": parts.fingerprint(), "torch": torch.__version__, "weights": onnx_weights}
     key = {**onnx_key, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(parts.device),
            "profile": {n: [p.min, p.opt, p.max] for n, p in profile.items()}, "refittable": True}
@@ -476,23 +491,25 @@ def bench_unet(parts: Parts, state: dict, args) -> dict:
 
     arch, device = parts.arch, parts.device
     hw = (SIZE[arch], SIZE[arch])
-    flop = None if args.tiny else UNET_FLOP[arch]  # the FLOP counts are for the full-size models
+    counted = parts.unet_inputs(1, hw, seed=0, dtype=parts.dtype)
+    flop = count_flops(lambda: parts.unet_net(**counted))  # per sample: the timed model, at the timed size
     peak = state["device"].get("peak_fp16_dense_tflops")
     measured = state.get("ceilings", {}).get("fp16_matmul_8192_tflops")
     warmup, reps = (2, 5) if args.quick else (5, 20)
 
     def rate(ms: float, batch: int) -> dict:
-        if flop is None:
+        if not flop:
             return {}
         tflops = flop * batch / (ms * 1e-3) / 1e12
-        out = {"tflops": round(tflops, 1)}
+        out = {"tflops": float(f"{tflops:.4g}")}
         if peak:
             out["pct_of_peak"] = round(100 * tflops / peak, 1)
         if measured:
             out["pct_of_measured_matmul"] = round(100 * tflops / measured, 1)
         return out
 
-    result: dict[str, Any] = {"size": hw[0], "flop_per_sample": flop, "batches": {}}
+    result: dict[str, Any] = {"size": hw[0], "flop_per_sample": flop, "flop_counter": "torch FlopCounterMode",
+                              "batches": {}}
     params = sum(p.numel() * p.element_size() for p in parts.unet.parameters())
     result["torch_memory"] = {"param_bytes": params}
     session = trt_session(parts, state, args)

@@ -3,7 +3,9 @@
 A UNet variant differs from W_init only in routed weights (Eq. 8), so its engine is the
 W_init engine with those weights refitted instead of a full build. Text
 encoders and the VAE decoder are plain builds. Every engine is checked against ONNX
-Runtime on the spec's seeded inputs and the error is recorded in the manifest.
+Runtime on the spec's seeded inputs; the error is recorded in the manifest, and a non-finite
+one or one above the tolerance fails the export. Per-network precision, profile batch, fp32
+layers and tolerances: :mod:`.trt_policy`.
 
 Needs the ``gpu`` extra (``tensorrt``) and an NVIDIA GPU; :func:`check_tensorrt_available`
 fails before anything is written otherwise. Written against the TensorRT 10 Python API.
@@ -12,23 +14,21 @@ fails before anything is written otherwise. Written against the TensorRT 10 Pyth
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .trt_policy import (ENGINE_TOLERANCE, TensorRTError, check_engine_error, engine_precision, fp32_layer_names,
+                         output_errors, profile_batch)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TensorRTError", "check_tensorrt_available", "build_engine", "EngineBuild"]
 
 ENGINE_FILE = "model.plan"
-
-
-class TensorRTError(ValueError):
-    """TensorRT is unavailable or failed to build / refit an engine."""
 
 
 def check_tensorrt_available() -> None:
@@ -77,6 +77,31 @@ class EngineBuild:
         config.set_timing_cache(cache, ignore_mismatch=True)
         return config, cache
 
+    def _keep_fp32(self, network, config) -> list[str]:
+        """Constrain the layers :func:`.trt_policy.fp32_layer_names` picks to fp32 (their float outputs too).
+
+        Layers with a non-float output (shape arithmetic) are left alone. With any layer constrained
+        the builder must obey (``OBEY_PRECISION_CONSTRAINTS``), not merely prefer.
+        """
+        trt = self.trt
+        chosen = set(fp32_layer_names([network.get_layer(i).name for i in range(network.num_layers)], self.precision))
+        kept = []
+        for i in range(network.num_layers):  # plain loops and assignments: tests/trt_api_scan.py follows them
+            layer = network.get_layer(i)
+            if layer.name not in chosen:
+                continue
+            dtypes = [layer.get_output(j).dtype for j in range(layer.num_outputs)]
+            if not all(d in (trt.float32, trt.float16) for d in dtypes):
+                continue
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            kept.append(layer.name)
+        if kept:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            log.info("TensorRT: %d layers kept in fp32 (%s ...)", len(kept), kept[0])
+        return kept
+
     def build(self, onnx_path: Path, profile: Mapping[str, Any], *, refittable: bool) -> bytes:
         """Serialized engine for an ONNX file with one optimisation profile (min/opt/max per input)."""
         trt = self.trt
@@ -87,6 +112,7 @@ class EngineBuild:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise TensorRTError(f"{onnx_path}: ONNX parse failed: {errors}")
         config, cache = self._config(builder, refittable)
+        self._keep_fp32(network, config)
         opt = builder.create_optimization_profile()
         for name, p in profile.items():
             opt.set_shape(name, p.min, p.opt, p.max)
@@ -126,21 +152,20 @@ class EngineBuild:
         return bytes(engine.serialize())
 
 
-def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int, int]) -> float:
-    """Max |TensorRT - ONNX Runtime| over the spec's outputs on seeded inputs (batch 2, or the spec's max)."""
+def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int, int]) -> dict[str, dict[str, float]]:
+    """Per output, |TensorRT - ONNX Runtime| on seeded inputs (batch 2, or the spec's max): :func:`output_errors`."""
     from .onnx_export import example_inputs
     from .ort import OrtSession
     from .trt_session import TrtSession
 
     inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=hw, batch=min(2, spec.max_batch), seed=5).items()}
-    names = [t.name for t in spec.outputs]
     ref = OrtSession(onnx_path)(inputs)
     session = TrtSession(engine_bytes)
     try:
         got = session(inputs)
     finally:
         session.close()
-    return max(float(np.abs(got[n].astype(np.float32) - ref[n]).max()) for n in names)
+    return output_errors(got, {t.name: ref[t.name] for t in spec.outputs})
 
 
 def build_engine(job, onnx_path: Path, spec, options, out_dir: Path, *, image_range=None,
@@ -148,22 +173,30 @@ def build_engine(job, onnx_path: Path, spec, options, out_dir: Path, *, image_ra
     """Write ``out_dir/model.plan`` for a job; returns the manifest fields (build/refit seconds, error).
 
     ``base_engine``: the serialized W_init UNet engine (built refittable); a UNet variant given
-    one is that engine refitted with its own weights, anything else is a full build.
+    one is that engine refitted with its own weights, anything else is a full build. Raises
+    :class:`TensorRTError` when the engine's outputs are not finite or off ONNX Runtime's by more
+    than :data:`.trt_policy.ENGINE_TOLERANCE` (the export stops; the repository is unchanged).
     """
     from .specs import ImageRange
 
-    builder = EngineBuild(options.precision)
+    precision = engine_precision(spec.arch, job.network, options.precision)
+    builder = EngineBuild(precision)
     image_range = image_range or ImageRange.default(spec.arch)
     t0 = time.perf_counter()
     is_variant = job.network == "unet" and not job.variants[0].is_base
     if is_variant and base_engine is not None:
         engine, how = builder.refit(base_engine, onnx_path), "refit"
     else:
-        engine = builder.build(onnx_path, spec.profile(image_range), refittable=job.network == "unet")
+        profile = spec.profile(image_range, profile_batch(job.network, spec.max_batch))
+        engine = builder.build(onnx_path, profile, refittable=job.network == "unet")
         how = "build"
     seconds = time.perf_counter() - t0
     (out_dir / ENGINE_FILE).write_bytes(engine)
-    err = _compare_with_onnx(engine, onnx_path, spec, image_range.min_hw)
-    log.info("%s: TensorRT %s in %.1f s, max |trt - ort| = %.3g", job.name, how, seconds, err)
+    errors = _compare_with_onnx(engine, onnx_path, spec, image_range.min_hw)
+    abs_errs = [e["max_abs_err"] for e in errors.values()]
+    err = math.nan if any(math.isnan(x) for x in abs_errs) else max(abs_errs)  # max() would drop a NaN
+    log.info("%s: TensorRT %s (%s) in %.1f s, max |trt - ort| = %.3g", job.name, how, precision, seconds, err)
+    rel = check_engine_error(job.name, precision, errors)
     return {"trt_build": how, "trt_seconds": round(seconds, 3), "trt_max_abs_err_vs_onnx": err,
-            "trt_precision": options.precision, "trt_engine_bytes": len(engine)}
+            "trt_rel_err_vs_onnx": rel, "trt_tolerance": ENGINE_TOLERANCE[precision],
+            "trt_precision": precision, "trt_engine_bytes": len(engine)}

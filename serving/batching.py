@@ -18,17 +18,23 @@ Batch = Mapping[str, np.ndarray]
 
 
 def _shape_key(inputs: Batch) -> tuple:
-    return tuple(sorted((k, str(v.dtype), tuple(v.shape[1:])) for k, v in inputs.items()))
+    # the device too (numpy arrays: "cpu"): tensors on different devices never meet in one concat
+    return tuple(sorted((k, str(v.dtype), tuple(v.shape[1:]), str(getattr(v, "device", "cpu")))
+                        for k, v in inputs.items()))
 
 
 def run_batched(run: Callable[[Batch], dict[str, Any]], requests: Sequence[Batch], max_batch: int, *,
-                concat: Callable[[list[Any]], Any] = np.concatenate) -> list[dict[str, Any]]:
+                concat: Callable[[list[Any]], Any] = np.concatenate, device: Any = None) -> list[dict[str, Any]]:
     """Run requests in as few calls as their shapes and ``max_batch`` allow; outputs in request order.
 
-    Requests whose non-batch shapes and dtypes agree are concatenated along the batch axis (up to
-    ``max_batch`` items) and run once; each gets back views of the batched outputs. Works on numpy
-    arrays, or torch tensors with ``concat=torch.cat``.
+    Requests whose non-batch shapes, dtypes and devices agree are concatenated along the batch
+    axis (up to ``max_batch`` items) and run once; each gets back views of the batched outputs.
+    Works on numpy arrays, or torch tensors with ``concat=torch.cat``; ``device`` (torch tensors)
+    moves every input there first, so requests that arrived on different devices (Triton's Python
+    backend hands over CPU or GPU tensors as it likes) still batch together.
     """
+    if device is not None:
+        requests = [{k: v.to(device) for k, v in req.items()} for req in requests]
     results: list[dict[str, Any] | None] = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for i, req in enumerate(requests):

@@ -172,8 +172,8 @@ class PipelineModel:
         return asyncio.run_coroutine_threadsafe(self._bls(calls), self._loop).result()
 
     def _tensor(self, name: str, value: torch.Tensor):
-        """torch -> pb_utils.Tensor: DLPack for CUDA tensors (no host copy), numpy otherwise."""
-        if value.is_cuda:
+        """torch -> pb_utils.Tensor: DLPack for device tensors (no host copy), numpy for host ones."""
+        if value.device.type != "cpu":
             return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
         return self.pb.Tensor(name, np.ascontiguousarray(value.detach().numpy()))
 
@@ -184,13 +184,11 @@ class PipelineModel:
 
     async def _bls(self, calls: list[NetCall]) -> list[dict[str, torch.Tensor]]:
         pb = self.pb
-        if self._on_gpu:
-            torch.cuda.current_stream().synchronize()  # DLPack consumers do not follow stream order
-        requests = [
-            pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs),
-                                inputs=[self._tensor(k, to_wire(v)) for k, v in c.inputs.items()], **self._bls_extra)
-            for c in calls
-        ]
+        inputs = [[self._tensor(k, to_wire(v)) for k, v in c.inputs.items()] for c in calls]
+        if self._on_gpu:  # after _tensor's .contiguous() copies: DLPack consumers do not follow stream order
+            torch.cuda.current_stream(self.settings.device).synchronize()
+        requests = [pb.InferenceRequest(model_name=c.model, requested_output_names=list(c.outputs), inputs=ins,
+                                        **self._bls_extra) for c, ins in zip(calls, inputs)]
         responses = await asyncio.gather(*(r.async_exec() for r in requests))
         outs = []
         for call, resp in zip(calls, responses):
@@ -331,7 +329,8 @@ class EngineModel:
     def _run(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self._dlpack:
             return run_batched(self.session, batches, self.settings.max_batch)
-        results = run_batched(self.session.run_torch, batches, self.settings.max_batch, concat=torch.cat)
+        target = getattr(self.session, "device", "cpu")  # TrtSession: the instance's GPU; OrtSession: host
+        results = run_batched(self.session.run_torch, batches, self.settings.max_batch, concat=torch.cat, device=target)
         for device in {v.device for r in results for v in r.values() if v.is_cuda}:
             torch.cuda.current_stream(device).synchronize()  # outputs complete before Triton reads them
         return results

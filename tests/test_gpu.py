@@ -67,28 +67,32 @@ def test_trt_runner_imports_without_tensorrt_and_bench_skips_without_gpu(tmp_pat
 
 
 def test_gpu_bench_dry_run_on_tiny_models_exercises_the_torch_paths(tmp_path):
-    # --tiny: the benchmark's PyTorch paths (UNet step timing, whole ACFG / CFG images through
-    # craft_ops.sampling, the diffusers PEFT baseline where peft is installed) on CPU tiny models
+    # --tiny: the benchmark's PyTorch paths (UNet step timing and FLOP count, whole ACFG / CFG images
+    # through craft_ops.sampling, the diffusers PEFT baseline where peft is installed) on CPU tiny
+    # models, SD 1.5 and SDXL
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--quick", "--arch", "sd15",
+    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--quick", "--arch", "sd15,sdxl",
                         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     [record] = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
-    sd15 = record["arches"]["sd15"]
-    for batch in ("1", "2"):
-        row = sd15["unet"]["batches"][batch]["torch_fp16_eager"]
-        assert row["finite"] and row["median_ms"] > 0
-        assert "tflops" not in row  # FLOP counts are for full-size models only
-    assert "skipped" in sd15["unet"]["engine"] and "skipped" in sd15["e2e"]["trt"]
-    runs = sd15["e2e"]["runs"]
-    assert runs["torch_acfg"]["per_step_ms"] > 0 and runs["torch_cfg"]["per_step_ms"] > 0
-    diffusers = sd15["diffusers"]
-    if "runs" in diffusers:  # peft installed (the gpu extra)
-        assert diffusers["runs"]["diffusers_lora_unfused"]["median_ms"] > 0
-        assert diffusers["peft_wrapped_modules"] == diffusers["lora_modules"]
-    else:
-        assert "peft" in json.dumps(diffusers)
+    for arch in ("sd15", "sdxl"):
+        sections = record["arches"][arch]
+        assert not [k for k, v in sections.items() if "error" in v], sections
+        assert sections["unet"]["flop_per_sample"] > 0  # counted on the (tiny) model timed
+        for batch in ("1", "2"):
+            row = sections["unet"]["batches"][batch]["torch_fp16_eager"]
+            assert row["finite"] and row["median_ms"] > 0 and row["tflops"] > 0
+        assert "skipped" in sections["unet"]["engine"] and "skipped" in sections["e2e"]["trt"]
+        runs = sections["e2e"]["runs"]
+        assert runs["torch_acfg"]["per_step_ms"] > 0 and runs["torch_cfg"]["per_step_ms"] > 0
+        diffusers = sections["diffusers"]
+        if "runs" in diffusers:  # peft installed (the gpu extra)
+            assert diffusers["runs"]["diffusers_lora_unfused"]["median_ms"] > 0
+            assert diffusers["runs"]["diffusers_lora_fused"]["median_ms"] > 0
+            assert diffusers["peft_wrapped_modules"] == diffusers["lora_modules"]
+        else:
+            assert "peft" in json.dumps(diffusers)
 
 
 class _FakeSession:
@@ -241,6 +245,38 @@ def test_trt_session_matches_onnxruntime(trt_repos, ref_pipes, arch):
 
 
 @pytest.mark.gpu
+def test_fp16_unet_keeps_the_time_embeddings_in_fp32(trt_repos, ref_pipes):
+    """TensorRT's parser names layers after the ONNX nodes, so trt_policy's patterns find the
+    sinusoidal embeddings; the fp16 engine at the largest timestep and SDXL time_ids (where fp16
+    arguments of sin / cos would be off by a whole period) matches ONNX Runtime."""
+    import tensorrt as trt
+
+    from craft_export.onnx_export import example_inputs
+    from craft_export.ort import OrtSession
+    from craft_export.tensorrt_build import EngineBuild
+    from craft_export.trt_session import TrtSession
+
+    repo, _, view = trt_repos["sdxl"]
+    folder = repo / view.model_for(BASE) / "1"
+    build = EngineBuild("fp16")
+    builder = trt.Builder(build.logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, build.logger)
+    assert parser.parse_from_file(str(folder / "model.onnx"))
+    kept = build._keep_fp32(network, builder.create_builder_config())
+    for module in ("time_proj", "add_time_proj"):
+        for op in ("Mul", "Sin", "Cos"):
+            assert any(f"/{module}/{op}" in name for name in kept), (module, op, kept)
+    spec = _specs(ref_pipes, "sdxl")["unet"]
+    inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=(128, 128), batch=2, seed=9).items()}
+    inputs["timestep"] = np.full_like(inputs["timestep"], 999.0)
+    inputs["time_ids"] = np.tile(np.array([1536, 1024, 0, 0, 1536, 1024], np.float32), (2, 1))
+    ref = OrtSession(folder / "model.onnx")(inputs)["noise_pred"]
+    got = TrtSession(folder / "model.plan")(inputs)["noise_pred"]
+    assert np.isfinite(got).all() and _rel(got, ref) < 1e-2, _rel(got, ref)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager_across_shape_changes(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
     from craft_export.trt_session import TrtSession
@@ -267,6 +303,7 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     from craft_export.onnx_export import example_inputs
     from craft_export.specs import ImageRange
     from craft_export.tensorrt_build import EngineBuild
+    from craft_export.trt_policy import profile_batch
     from craft_export.trt_session import TrtSession
 
     repo, _, view = trt_repos["sd15"]
@@ -280,7 +317,8 @@ def test_refit_engine_equals_fresh_build(trt_repos, ref_pipes):
     for name in refits[:2]:
         folder = repo / name / "1"
         refit = TrtSession(folder / "model.plan")
-        fresh = TrtSession(EngineBuild("fp16").build(folder / "model.onnx", spec.profile(image_range), refittable=True))
+        profile = spec.profile(image_range, profile_batch("unet", spec.max_batch))  # as craft export builds it
+        fresh = TrtSession(EngineBuild("fp16").build(folder / "model.onnx", profile, refittable=True))
         for hw, batch, seed in CASES[:2]:
             inputs = {k: v.cuda() for k, v in example_inputs(spec, hw=hw, batch=batch, seed=seed).items()}
             a = refit.run_torch(inputs)["noise_pred"].double()

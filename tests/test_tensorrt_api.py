@@ -127,6 +127,16 @@ def test_every_tensorrt_attribute_the_code_uses_exists(trt_uses):
     assert not stale, f"now present (or no longer used), drop from KNOWN_MISSING: {stale}"
 
 
+def test_scan_follows_the_fp32_layer_constraints(trt_uses):
+    """The UNet's fp32 layers (tensorrt_build.EngineBuild._keep_fp32) are reached through layers and
+    tensors the network hands out; the scan must see those uses, or a renamed one would go unchecked."""
+    seen = {u["use"] for u in trt_uses["uses"] if u["file"] == "export/tensorrt_build.py"}
+    wanted = {"INetworkDefinition.get_layer", "INetworkDefinition.num_layers", "ILayer.name", "ILayer.num_outputs",
+              "ILayer.get_output", "ITensor.dtype", "ILayer.precision", "ILayer.set_output_type",
+              "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "tensorrt.float32", "tensorrt.float16"}
+    assert wanted <= seen, f"not scanned: {sorted(wanted - seen)}"
+
+
 def test_scanner_reports_what_a_module_lacks(tmp_path):
     """The scanner on a fake module: a TensorRT 11-like BuilderFlag without FP16 is caught, through
     a builder config typed from the method signatures, and a wrong keyword argument too."""
