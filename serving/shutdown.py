@@ -1,15 +1,15 @@
 """Graceful stop of ``craft serve``: refuse new requests, let in-flight ones finish, then stop Triton.
 
-Why not just SIGTERM tritonserver (2.51, measured, see README "Reliability"): it stops its HTTP
-endpoint at once, keeps accepting gRPC requests, and once its HTTP connections are gone refuses
-every new inference - the pipeline's own BLS calls to the UNet models included - so a request in
-the middle of its sampling loop fails with "Server not ready" within a step.
+Why not just pass SIGTERM on to tritonserver: a pipeline request in the middle of its sampling
+loop still needs one BLS call to the UNet models per remaining step, and tritonserver, once it is
+shutting down, counts those as new requests it may refuse; it also bounds its own wait
+(``--exit-timeout-secs``) regardless of the pipeline's progress.
 
 So ``craft serve`` drains first, through a folder it shares with its pipeline models (the path
 travels in ``$CRAFT_RUN_DIR``, which tritonserver's stub processes inherit):
 
 * ``draining`` - created by craft serve on SIGTERM; a pipeline model refuses every request that
-  arrives after it with UNAVAILABLE (gRPC ``UNAVAILABLE``, HTTP 503), so clients retry elsewhere;
+  arrives after it with UNAVAILABLE (gRPC ``UNAVAILABLE``), so clients retry elsewhere;
 * ``inflight/<model>-<pid>`` - each pipeline stub's count of requests it is running, rewritten
   (atomically) when one starts or ends; craft serve waits for their sum to reach 0, at most the
   grace period, and only then stops tritonserver.
