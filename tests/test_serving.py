@@ -480,6 +480,8 @@ def test_sigterm_finishes_inflight_refuses_new_and_exits_0(served):
     with s.client() as client, pytest.raises(CraftServerError, match="shutting down") as refused:
         client.generate("a dog <c>", **_fields(content="dog"))
     assert "UNAVAILABLE" in str(refused.value.status)
+    with s.client("http") as client, pytest.raises(CraftServerError, match="shutting down"):
+        client.generate("a dog <c>", **_fields(content="dog"))
     worker.join(120)
     assert events and events[-1].result is not None and events[-1].result.images.shape == (1, 64, 64, 3)
     assert s.proc.wait(90) == 0
