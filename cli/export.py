@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +18,10 @@ __all__ = ["register", "run"]
 def run(args: argparse.Namespace) -> int:
     from craft_export.exporter import ExportOptions, export_repository
 
+    confine = args.confine_to or [p for p in os.environ.get("CRAFT_CONFINE_TO", "").split(os.pathsep) if p]
     options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
                             precision=args.precision, pairs=args.pairs, runner=args.runner,
-                            keep_onnx=args.keep_onnx)
+                            keep_onnx=args.keep_onnx, confine_to=tuple(Path(p) for p in confine))
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = export_repository(options, progress=say)
     if args.json:
@@ -46,5 +48,8 @@ def register(sub) -> None:
                         "tritonserver supports")
     p.add_argument("--keep-onnx", action="store_true",
                    help="tensorrt: keep every UNet variant's ONNX file (otherwise only W_init's stays)")
+    p.add_argument("--confine-to", action="append", metavar="DIR",
+                   help="refuse recipe paths (base, backbone, LoRAs, and every file and symlink inside them) that "
+                        "resolve outside DIR; repeatable (default: $CRAFT_CONFINE_TO, ':'-separated, else anywhere)")
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
     p.set_defaults(func=run)

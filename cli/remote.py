@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from .common import HelpFormatter, ProgressBar
+from .common import CliError, HelpFormatter, ProgressBar
 
 __all__ = ["generate_remote", "run_models", "register"]
 
@@ -23,8 +23,10 @@ def _fields(request) -> dict:
 
 def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
     """Send a request to a server; returns (N, H, W, 3) uint8. Server errors exit 2 with the message."""
-    from craft_client import CraftClient, CraftServerError
+    from craft_client import CraftClient, CraftConnectionError, CraftServerError
 
+    if args.stream and args.protocol != "grpc":
+        raise CliError(f"--protocol: --stream needs grpc (got {args.protocol!r})")
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
             if args.stream:
@@ -39,21 +41,29 @@ def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
                     bar.close()
             else:
                 result = client.generate(list(request.prompts), **_fields(request))
+    except CraftConnectionError as exc:
+        raise CliError(str(exc)) from exc
     except CraftServerError as exc:
-        raise ValueError(f"server refused the request: {exc}") from exc
+        raise CliError(f"server refused the request: {exc}") from exc
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     return result.images
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from craft_client import CraftClient, CraftServerError
+    from craft_client import CraftClient, CraftConnectionError, CraftServerError
 
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
             info = client.catalog()
+    except CraftConnectionError as exc:
+        raise CliError(str(exc)) from exc
     except CraftServerError as exc:
-        raise ValueError(f"server: {exc}") from exc
+        raise CliError(f"server: {exc}") from exc
+    manifest = info.get("manifest", {})
+    if manifest.get("status") == "rejected":  # on stderr, and also with --json
+        print(f"warning: the server refused the manifest.json now in its repository and serves the last good "
+              f"one (below): {manifest.get('reason')}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -1,4 +1,8 @@
-"""``craft serve``: tritonserver on a model repository, in the foreground, with clean shutdown."""
+"""``craft serve``: tritonserver on a model repository, in the foreground, with a graceful stop.
+
+SIGTERM or Ctrl-C: new requests are refused, in-flight ones finish (up to ``--grace-period``), then
+tritonserver stops and the command exits 0. A second signal cuts the wait short.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,52 @@ from .common import HelpFormatter
 __all__ = ["register", "run"]
 
 
+def _wait(prepared, stop: threading.Event) -> int | None:
+    """Serve until a signal (None) or until tritonserver dies (exit status 1)."""
+    server = prepared.server
+    while not stop.wait(0.5):
+        if not server.running:
+            print("craft: error: tritonserver exited unexpectedly", file=sys.stderr)
+            print(server.log_tail(40), file=sys.stderr)
+            return 1
+    return None
+
+
+def _drain(prepared, grace: float, again: threading.Event) -> None:
+    run_dir = prepared.run_dir
+    run_dir.drain()
+    print(f"stopping: refusing new requests, waiting up to {grace:g} s for {run_dir.inflight()} in flight",
+          flush=True)
+    drained, seconds = run_dir.wait_drained(grace, interrupt=again)
+    if drained:
+        print(f"in-flight requests finished after {seconds:.1f} s; stopping tritonserver", flush=True)
+    else:
+        print(f"{run_dir.inflight()} requests still running after {seconds:.1f} s; stopping tritonserver anyway",
+              file=sys.stderr, flush=True)
+
+
+def _announce(prepared, seconds: float) -> None:
+    view, config, admin = prepared.view, prepared.server.config, prepared.admin
+    print(f"serving {view.arch} repository {config.repo} ({len(view.catalog)} LoRAs) after {seconds:.1f} s",
+          flush=True)
+    print(f"  HTTP    {config.http_url}\n  gRPC    {config.grpc_url}\n  metrics {config.metrics_url}", flush=True)
+    print(f"  log     {prepared.server.log_path}", flush=True)
+    where = f"written to {admin.file} (set CRAFT_ADMIN_KEY to choose one)" if admin.file else f"from {admin.source}"
+    print(f"  admin   model control, statistics, shared memory, trace need the admin key, {where}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from craft_serving.serve import prepare_server
     from craft_serving.triton_server import TritonServerError
 
-    server, view = prepare_server(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                                  metrics_port=args.metrics_port, log_file=args.log_file, timeout=args.timeout)
-    config = server.config
-    stop = threading.Event()
+    prepared = prepare_server(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
+                              timeout=args.timeout, admin_key=args.admin_key)
+    server = prepared.server
+    stop, again = threading.Event(), threading.Event()
 
     def on_signal(signum, _frame) -> None:
-        stop.set()
+        (again if stop.is_set() else stop).set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -31,21 +70,16 @@ def run(args: argparse.Namespace) -> int:
             seconds = server.wait_ready()
         except TritonServerError as exc:
             print(f"craft: error: tritonserver did not become ready: {exc}", file=sys.stderr)
-            print(server.log_tail(40), file=sys.stderr)
             return 1
-        print(f"serving {view.arch} repository {config.repo} ({len(view.catalog)} LoRAs) after {seconds:.1f} s",
-              flush=True)
-        print(f"  HTTP    {config.http_url}\n  gRPC    {config.grpc_url}\n  metrics {config.metrics_url}", flush=True)
-        print(f"  log     {server.log_path}", flush=True)
-        while not stop.wait(0.5):
-            if not server.running:
-                print("craft: error: tritonserver exited unexpectedly", file=sys.stderr)
-                print(server.log_tail(40), file=sys.stderr)
-                return 1
-        print("stopping tritonserver", flush=True)
+        _announce(prepared, seconds)
+        status = _wait(prepared, stop)
+        if status is not None:
+            return status
+        _drain(prepared, args.grace_period, again)
         return 0
     finally:
-        server.stop()
+        server.stop(grace=15.0)
+        prepared.run_dir.remove()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -53,10 +87,19 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("serve", formatter_class=HelpFormatter, help="run tritonserver on a model repository")
     p.add_argument("--repo", required=True, help="model repository folder (craft export --out)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port on 127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the three endpoints bind to (0.0.0.0: every interface, as in the container)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server to become ready")
-    p.add_argument("--log-file", help="server log file (default: <REPO>-tritonserver.log in the folder that "
-                                      "holds REPO, e.g. out/repo-sd15-tritonserver.log for --repo out/repo-sd15)")
+    p.add_argument("--grace-period", type=float, default=60.0,
+                   help="on SIGTERM / Ctrl-C: seconds in-flight requests may take to finish while new ones are "
+                        "refused, before tritonserver stops")
+    p.add_argument("--admin-key", help="key for Triton's model-control, statistics, shared-memory, trace and "
+                                       "logging APIs (default: $CRAFT_ADMIN_KEY, else a random key written "
+                                       "beside the log)")
+    p.add_argument("--log-file", help="server log file (default: <REPO>-tritonserver-<HTTP_PORT>.log in the folder "
+                                      "that holds REPO, e.g. out/repo-sd15-tritonserver-8000.log for --repo "
+                                      "out/repo-sd15)")
     p.set_defaults(func=run)

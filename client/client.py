@@ -6,12 +6,15 @@
     result.pil()[0]        # PIL.Image
 
 Server-side errors (an unknown LoRA, a size out of range...) raise :class:`CraftServerError`
-with the server's message, which names the field and the value.
+with the server's message, which names the field and the value. A server that cannot be reached
+(nothing listening, the other protocol's port, a connection cut) raises
+:class:`CraftConnectionError` (a :class:`CraftServerError`) naming the address and the protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import queue
 import threading
@@ -23,7 +26,7 @@ import numpy as np
 
 from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, STREAM_MODEL
 
-__all__ = ["CraftServerError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient", "build_request"]
+__all__ = ["CraftServerError", "CraftConnectionError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient", "build_request"]
 
 PROTOCOLS = ("grpc", "http")
 
@@ -34,6 +37,21 @@ class CraftServerError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status
+
+
+class CraftConnectionError(CraftServerError):
+    """No answer from a craft server at the address (``status`` is ``"UNREACHABLE"``)."""
+
+    def __init__(self, url: str, protocol: str, reason: str):
+        port = "HTTP (8000 by default)" if protocol == "http" else "gRPC (8001 by default)"
+        super().__init__(f"could not reach a server at {url} over {protocol}: {reason}; check that craft serve "
+                         f"is running there and that {url} is its {port} port", "UNREACHABLE")
+        self.url, self.protocol, self.reason = url, protocol, reason
+
+
+#: gRPC messages of a channel that never reached a server (as opposed to a server's UNAVAILABLE answer)
+_GRPC_UNREACHED = ("failed to connect", "connection refused", "socket closed", "connections to all backends failing",
+                   "dns resolution failed", "connection reset", "http1.x", "name resolution", "no route to host")
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,14 @@ def _modules(protocol: str, aio: bool = False):
         import tritonclient.http as mod
     from tritonclient.utils import InferenceServerException
 
-    return mod, InferenceServerException
+    errors: tuple[type[BaseException], ...] = (InferenceServerException,)
+    if protocol == "http":  # the HTTP clients raise socket and parser errors of their own
+        errors += (OSError, http.client.HTTPException)
+        if aio:
+            import aiohttp
+
+            errors += (aiohttp.ClientError,)
+    return mod, errors
 
 
 def _inputs(mod, arrays: Mapping[str, np.ndarray]) -> list:
@@ -122,9 +147,20 @@ def _catalog(response) -> dict:
     return json.loads(response.as_numpy("catalog")[0])
 
 
-def _wrap(exc: Exception) -> CraftServerError:
+def _wrap(exc: BaseException, url: str, protocol: str) -> CraftServerError:
+    """A tritonclient (or socket) exception as :class:`CraftServerError` / :class:`CraftConnectionError`."""
     message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
     status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
+    if protocol == "http" and not hasattr(exc, "status"):  # a socket or HTTP parser error: no server answered
+        reason = {ConnectionRefusedError: "connection refused (nothing listens there)"}.get(type(exc))
+        if reason is None and isinstance(exc, http.client.HTTPException):
+            reason = "the answer is not HTTP (is it the gRPC port?)"
+        return CraftConnectionError(url, protocol, reason or f"{type(exc).__name__}: {message or exc}")
+    if protocol == "grpc" and "UNAVAILABLE" in str(status) and any(m in message.lower() for m in _GRPC_UNREACHED):
+        reason = message.split(": ", 1)[-1] if message.startswith("failed to connect") else message
+        if "socket closed" in message.lower() or "http1.x" in message.lower():
+            reason += " (is it the HTTP port?)"
+        return CraftConnectionError(url, protocol, reason)
     return CraftServerError(message or str(exc), status)
 
 
@@ -152,7 +188,7 @@ class _Base:
 
     def _check_stream(self) -> None:
         if self.protocol != "grpc":
-            raise ValueError("streaming needs protocol='grpc'")
+            raise ValueError(f"protocol: streaming needs 'grpc' (got {self.protocol!r})")
 
 
 class CraftClient(_Base):
@@ -168,7 +204,7 @@ class CraftClient(_Base):
     def ready(self) -> bool:
         try:
             return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
-        except (self._exc, OSError):  # refused connections surface as OSError over HTTP
+        except self._exc:  # refused connections surface as OSError over HTTP
             return False
 
     def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
@@ -178,7 +214,7 @@ class CraftClient(_Base):
             response = self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
                                          **self._call_timeout())
         except self._exc as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.url, self.protocol) from exc
         return _result(response)
 
     def stream(self, prompt: str | Sequence[str], *, cancel: threading.Event | None = None,
@@ -202,7 +238,7 @@ class CraftClient(_Base):
                 except queue.Empty:
                     continue
                 if error is not None:
-                    raise _wrap(error)
+                    raise _wrap(error, self.url, self.protocol)
                 event = _event(result)
                 yield event
                 if event.result is not None:
@@ -215,7 +251,7 @@ class CraftClient(_Base):
         try:
             response = self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]), **self._call_timeout())
         except self._exc as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.url, self.protocol) from exc
         return _catalog(response)
 
     def close(self) -> None:
@@ -239,7 +275,7 @@ class AsyncCraftClient(_Base):
     async def ready(self) -> bool:
         try:
             return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(self.model))
-        except (self._exc, OSError):
+        except self._exc:
             return False
 
     async def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
@@ -249,7 +285,7 @@ class AsyncCraftClient(_Base):
             response = await self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
                                                **self._call_timeout())
         except self._exc as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.url, self.protocol) from exc
         return _result(response)
 
     async def stream(self, prompt: str | Sequence[str], *, cancel: asyncio.Event | None = None,
@@ -270,13 +306,13 @@ class AsyncCraftClient(_Base):
                 if cancel is not None and cancel.is_set():
                     return
                 if error is not None:
-                    raise _wrap(error)
+                    raise _wrap(error, self.url, self.protocol)
                 event = _event(result)
                 yield event
                 if event.result is not None:
                     return
         except self._exc as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.url, self.protocol) from exc
         finally:
             responses.cancel()  # no-op once the server has finished the request
 
@@ -286,7 +322,7 @@ class AsyncCraftClient(_Base):
             response = await self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]),
                                                **self._call_timeout())
         except self._exc as exc:
-            raise _wrap(exc) from exc
+            raise _wrap(exc, self.url, self.protocol) from exc
         return _catalog(response)
 
     async def close(self) -> None:

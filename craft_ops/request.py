@@ -29,7 +29,6 @@ __all__ = [
     "group_noise",
 ]
 
-_MAX_PROMPT_CHARS = 4096
 
 
 class RequestError(ValueError):
@@ -71,13 +70,20 @@ class Defaults:
 
 @dataclass(frozen=True)
 class Limits:
-    """Image sizes (pixels) and counts the serving engines accept."""
+    """What one request may ask for; checked by :func:`plan_request` before any work is done.
+
+    ``max_pixels``: height x width x prompts of one request (None: whatever the size and prompt
+    limits allow). ``max_prompt_chars``: per prompt and for the negative prompt (CLIP reads 77
+    tokens; the cap bounds the work of tokenising).
+    """
 
     min_hw: tuple[int, int] = (64, 64)
     max_hw: tuple[int, int] = (2048, 2048)
     multiple: int = 8
     max_steps: int = 1000
     max_prompts: int = 8
+    max_pixels: int | None = None
+    max_prompt_chars: int = 4096
 
 
 @dataclass(frozen=True)
@@ -163,12 +169,12 @@ def _check_gate(field_name: str, value: float, info: LoraInfo | None) -> float:
 
 
 def _gates(prompt: str, idx: int, req: GenerateRequest, c_info: LoraInfo | None, s_info: LoraInfo | None,
-           notes: list[str]):
+           notes: list[str], max_chars: int):
     field_name = "prompt" if idx == 0 else f"prompt[{idx}]"
     if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError(field_name, prompt, "must be a non-empty string")
-    if len(prompt) > _MAX_PROMPT_CHARS:
-        raise RequestError(field_name, prompt[:40] + "...", f"is longer than {_MAX_PROMPT_CHARS} characters")
+        raise RequestError(field_name, prompt[:40] if isinstance(prompt, str) else prompt, "must be a non-empty string")
+    if len(prompt) > max_chars:
+        raise RequestError(field_name, prompt[:40] + "...", f"is longer than {max_chars} characters")
     try:
         gates = parse_prompt(prompt, gamma_c=req.gamma_c, gamma_s=req.gamma_s)
     except GateError as exc:
@@ -204,8 +210,9 @@ def plan_request(
         raise RequestError("prompt", list(req.prompts), "at least one prompt is required")
     if len(req.prompts) > limits.max_prompts:
         raise RequestError("prompt", f"{len(req.prompts)} prompts", f"at most {limits.max_prompts} prompts per request")
-    if not isinstance(req.negative_prompt, str) or len(req.negative_prompt) > _MAX_PROMPT_CHARS:
-        raise RequestError("negative_prompt", req.negative_prompt, "must be a string of at most 4096 characters")
+    if not isinstance(req.negative_prompt, str) or len(req.negative_prompt) > limits.max_prompt_chars:
+        shown = req.negative_prompt[:40] + "..." if isinstance(req.negative_prompt, str) else req.negative_prompt
+        raise RequestError("negative_prompt", shown, f"must be a string of at most {limits.max_prompt_chars} characters")
     c_info = _lookup(catalog, "content", req.content, "content")
     s_info = _lookup(catalog, "style", req.style, "style")
     seed = _check_int("seed", req.seed, 0, 2**63 - 1 - limits.max_prompts)
@@ -217,6 +224,10 @@ def plan_request(
                          limits.min_hw[0], limits.max_hw[0], limits.multiple)
     width = _check_size("width", defaults.width if req.width is None else req.width,
                         limits.min_hw[1], limits.max_hw[1], limits.multiple)
+    pixels = len(req.prompts) * height * width
+    if limits.max_pixels is not None and pixels > limits.max_pixels:
+        raise RequestError("prompt", f"{len(req.prompts)} x {height} x {width} = {pixels} pixels",
+                           f"at most {limits.max_pixels} pixels per request (prompts x height x width)")
     mode = defaults.mode if req.mode in (None, "") else req.mode
     if mode not in MODES:
         raise RequestError("mode", mode, f"must be one of {list(MODES)}")
@@ -230,7 +241,7 @@ def plan_request(
     notes: list[str] = []
     by_gates: dict[tuple[float, float], list[tuple[int, str]]] = {}
     for idx, prompt in enumerate(req.prompts):
-        gates, g_c, g_s = _gates(prompt, idx, req, c_info, s_info, notes)
+        gates, g_c, g_s = _gates(prompt, idx, req, c_info, s_info, notes, limits.max_prompt_chars)
         by_gates.setdefault((g_c, g_s), []).append((idx, gates.text))
     groups = []
     for (g_c, g_s), members in by_gates.items():

@@ -1,19 +1,19 @@
 """``craft export``: recipe -> baked UNet variants -> ONNX (-> TensorRT) -> Triton model repository.
 
-Order of work (nothing in REPO changes before step 4):
+Order of work (nothing in REPO changes before step 5):
 1. validate the recipe, the base, every LoRA and the runtime;
 2. plan the models (text encoder(s), VAE decoder, UNet variants) with content keys;
 3. compare with the repository's manifest: unchanged models are reused;
-4. build each new model in a staging folder beside REPO (export, parity check, config.pbtxt;
-   :mod:`.model_build`) and rename it into place; refresh the pipeline models and assets;
-5. swap ``manifest.json`` atomically, then delete the models nothing refers to.
+4. build each new model in ``REPO/.craft-staging`` (export, parity check, config.pbtxt;
+   :mod:`.model_build`), then the pipeline models, their assets and the new manifest;
+5. commit (:class:`.staging.RepoTransaction`): rename the new models into place, swap
+   ``manifest.json`` last, then retire the models nothing refers to.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,15 +23,17 @@ from craft_ops.aggregate import Variant
 
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
-from .manifest_schema import MANIFEST, EngineInfo, LoraRecord, manifest_json, variant_record, write_json_atomic
+from .manifest_schema import MANIFEST, EngineInfo, LoraRecord, manifest_json, variant_record
 from .model_build import build_model, engine_path
 from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
-from .recipe import EngineRange, Recipe
+from .recipe import EngineRange, Recipe, load_recipe
 from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
-from .repo_files import STAGING, install_pipeline, swap_in
+from .repo_files import stage_pipeline
+from .safe_files import UnsafeFileError, check_confined
+from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +87,28 @@ def _check_out(out: Path) -> dict | None:
     if manifest.is_file():
         try:
             return json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ExportError(f"{manifest}: unreadable manifest ({exc}); remove the folder to start afresh") from exc
-    if any(out.iterdir()):
+    if any(not is_leftover(p.name) for p in out.iterdir()):
         raise ExportError(f"--out {out} is not empty and holds no {MANIFEST}: refusing to write into it")
     return None
 
 
+def recipe_paths(recipe: Recipe) -> list[tuple[str, Path]]:
+    """Every file or folder a recipe names, with its field."""
+    paths = [("recipe", recipe.path), ("base.path", recipe.base)]
+    paths += [(f"base.{k}", p) for k, p in (("backbone", recipe.backbone), ("config", recipe.config)) if p]
+    return paths + [(f"lora {spec.name!r}.path", spec.path) for spec in recipe.loras]
+
+
 def load_everything(options: ExportOptions) -> Loaded:
-    models = load_recipe_models(options.recipe)
+    recipe = load_recipe(options.recipe)
+    if options.confine_to:
+        try:
+            check_confined(recipe_paths(recipe), options.confine_to)
+        except UnsafeFileError as exc:
+            raise ExportError(str(exc)) from exc
+    models = load_recipe_models(recipe)
     files = {name: {"path": str(spec.path), "sha256": sha256_file(spec.path), "format": models.loras[name].adapter.format,
                     "rank": models.loras[name].adapter.rank}
              for name, spec in ((s.name, s) for s in models.recipe.loras)}
@@ -168,7 +183,8 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
         loras=loras, pairs=loaded.pairs, variants=[variant_record(v, j.name) for j in jobs for v in j.variants],
         networks={j.name: j.name for j in jobs if j.network != "unet"}, models={j.name: records[j.name] for j in jobs},
         assets=assets, defaults=loaded.recipe.defaults(parts.arch),
-        engine=EngineInfo(engine.min_size, engine.opt_size, engine.max_size, engine.max_batch),
+        engine=EngineInfo(engine.min_size, engine.opt_size, engine.max_size, engine.max_batch,
+                          max_pixels=engine.max_pixels),
         force_zeros_for_empty_prompt=bool(parts.extra.get("force_zeros_for_empty_prompt", False)),
     )
 
@@ -179,60 +195,71 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
 def export_repository(options: ExportOptions, progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
     """Run an export (see module docstring); returns what was built, reused and removed."""
     t_start = time.perf_counter()
-    report = ExportReport()
     out = Path(options.out).resolve()
     # 1. validate everything before writing anything
-    old = _check_out(out)
+    _check_out(out)
     _check_runtime(options)
     loaded = load_everything(options)
     runner = _detect_runner(options)
+    # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
+    txn = RepoTransaction(out)
+    try:
+        with txn:
+            report = _export_into(txn, loaded, runner, options, progress)
+    except OSError as exc:  # a full disk, a read-only volume: say so, without a traceback
+        raise ExportError(describe_failure(out, exc, txn.committing)) from exc
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _reusable(out: Path, job: ModelJob, prev: Mapping | None) -> bool:
+    """An unchanged model: same content key in the old manifest and in the folder itself."""
+    folder = out / job.name
+    if not prev or prev.get("key") != job.key or not (folder / "config.pbtxt").is_file():
+        return False
+    return folder_key(folder) in (None, job.key)  # no key file: exported before key files existed
+
+
+def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: ExportOptions,
+                 progress: Callable[[str], None]) -> ExportReport:
+    out, staging, report = txn.out, txn.models, ExportReport()
+    old = _check_out(out) or {}  # read again under the lock
     specs = network_specs(loaded.parts.arch, loaded.parts, max_batch=loaded.engine.max_batch)
     e = loaded.engine
     build = {"runtime": options.runtime, "precision": options.precision, "runner": runner,
              "engine": [e.min_size, e.opt_size, e.max_size, e.max_batch]}
     # 2. plan
     jobs = plan_jobs(loaded, build)
-    old_models = (old or {}).get("models", {})
-    # 3./4. build what changed, in a staging folder beside REPO (same file system: renames are atomic)
-    staging = out.parent / f".{out.name}{STAGING}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    old_models = old.get("models", {})
+    # 3./4. build what changed, in the staging folder
     records, fresh = {}, []
     # the W_init UNet, built now or reused: variants are derived (ONNX) and refitted (TensorRT) from it
     base_onnx: Path | None = None
     base_engine: Path | None = None
-    try:
-        for i, job in enumerate(jobs, 1):
-            prev = old_models.get(job.name)
-            if prev and prev.get("key") == job.key and (out / job.name / "config.pbtxt").is_file():
-                records[job.name] = prev
-                report.reused.append(job.name)
-                if job.is_base_unet:
-                    base_onnx = out / job.name / "1" / "model.onnx"
-                    base_engine = engine_path(out / job.name, options)
-                continue
-            progress(f"[{i}/{len(jobs)}] baking + exporting {job.name}")
-            t0 = time.perf_counter()
-            records[job.name] = build_model(job, loaded.nets, loaded.baker, loaded.engine, options, runner, staging,
-                                            specs, base_onnx, base_engine)
-            fresh.append(job.name)
+    for i, job in enumerate(jobs, 1):
+        prev = old_models.get(job.name)
+        if _reusable(out, job, prev):
+            records[job.name] = prev
+            report.reused.append(job.name)
             if job.is_base_unet:
-                base_onnx = staging / job.name / "1" / "model.onnx"
-                base_engine = engine_path(staging / job.name, options)
-            report.timings[job.name] = round(time.perf_counter() - t0, 3)
-        # every model built and checked: only now does REPO change
-        out.mkdir(parents=True, exist_ok=True)
-        for name in fresh:
-            swap_in(staging / name, out / name)
-        report.built = fresh
-        assets = install_pipeline(out, staging, loaded.parts)
-        # 5. manifest swap, then cleanup
-        write_json_atomic(out / MANIFEST, _manifest(loaded, jobs, records, assets, options, runner))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    keep = {j.name for j in jobs}
-    for name in sorted(set(old_models) - keep):
-        shutil.rmtree(out / name, ignore_errors=True)
-        report.removed.append(name)
-    report.seconds = time.perf_counter() - t_start
+                base_onnx = out / job.name / "1" / "model.onnx"
+                base_engine = engine_path(out / job.name, options)
+            continue
+        progress(f"[{i}/{len(jobs)}] baking + exporting {job.name}")
+        t0 = time.perf_counter()
+        records[job.name] = build_model(job, loaded.nets, loaded.baker, loaded.engine, options, runner, staging,
+                                        specs, base_onnx, base_engine)
+        txn.mark(job.name, job.key)
+        fresh.append(job.name)
+        if job.is_base_unet:
+            base_onnx = staging / job.name / "1" / "model.onnx"
+            base_engine = engine_path(staging / job.name, options)
+        report.timings[job.name] = round(time.perf_counter() - t0, 3)
+    pipeline, assets = stage_pipeline(staging, loaded.parts)
+    # 5. every model built and checked, the manifest written: only now does REPO change
+    manifest = _manifest(loaded, jobs, records, assets, options, runner)
+    keep = {j.name for j in jobs} | set(pipeline)
+    report.removed = sorted(set(old_models) - keep)
+    txn.commit([*fresh, *pipeline], manifest, remove=report.removed)
+    report.built = fresh
     return report

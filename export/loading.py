@@ -20,6 +20,7 @@ import torch
 from craft_ops.lora import LoraAdapter, LoraError, bake_adapter, parse_lora
 
 from .lora_files import LoraFileError, metadata_alphas
+from .safe_files import UnsafeFileError, check_safetensors
 from .single_file import SingleFileError, single_file_folder
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,10 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise LoadError(f"LoRA path is not a file: {path}")
     if path.suffix.lower() != ".safetensors":
         raise LoadError(f"{path}: only .safetensors LoRA files are accepted")
+    try:
+        check_safetensors(path)  # the header against the file size, before any tensor is read
+    except UnsafeFileError as exc:
+        raise LoadError(str(exc)) from exc
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -1,6 +1,6 @@
-"""``manifest.json``: what a model repository holds; its typed records and the atomic writer.
+"""``manifest.json``: what a model repository holds, and its typed records.
 
-The exporter writes it last (after every model it names is in place); the server reads only
+The exporter writes it last (after every model it names is in place, :mod:`.staging`); the server reads only
 this file (:func:`craft_serving.manifest.read_manifest`) to learn the architecture, the LoRA
 catalogue, which Triton model holds which weight variant, the request defaults and the size
 limits.
@@ -8,9 +8,6 @@ limits.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +19,7 @@ from craft_ops.routing import Routing
 
 from .plan import FORMAT_VERSION
 
-__all__ = ["MANIFEST", "FORMAT_VERSION", "LoraRecord", "EngineInfo", "variant_record", "manifest_json",
-           "write_json_atomic"]
+__all__ = ["MANIFEST", "FORMAT_VERSION", "LoraRecord", "EngineInfo", "variant_record", "manifest_json"]
 
 MANIFEST = "manifest.json"
 
@@ -61,15 +57,20 @@ class EngineInfo:
     max_size: int
     max_batch: int
     multiple: int = 8
+    max_pixels: int = 0  # prompts x height x width of one request; 0: max_batch x max_size^2
+
+    def __post_init__(self) -> None:
+        if not self.max_pixels:
+            object.__setattr__(self, "max_pixels", self.max_batch * self.max_size ** 2)
 
     def to_json(self) -> dict[str, int]:
         return {"min_size": self.min_size, "opt_size": self.opt_size, "max_size": self.max_size,
-                "max_batch": self.max_batch, "multiple": self.multiple}
+                "max_batch": self.max_batch, "multiple": self.multiple, "max_pixels": self.max_pixels}
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "EngineInfo":
         return cls(int(entry["min_size"]), int(entry.get("opt_size", entry["min_size"])), int(entry["max_size"]),
-                   int(entry["max_batch"]), int(entry.get("multiple", 8)))
+                   int(entry["max_batch"]), int(entry.get("multiple", 8)), int(entry.get("max_pixels", 0)))
 
 
 def variant_record(v: Variant, model: str) -> dict[str, Any]:
@@ -104,18 +105,3 @@ def manifest_json(*, arch: str, base: Path, backbone: Path | None, routing: Rout
         "defaults": defaults.as_dict(),
         "engine": engine.to_json(),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to ``path`` and rename over it: readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -32,6 +32,9 @@ class ExportOptions:
     # default only W_init's stays (later variants are derived from it): a full-size SDXL variant
     # is 10 GB of fp32 ONNX that nothing serves.
     keep_onnx: bool = False
+    # Folders every path of the recipe must resolve into (symlinks and ``..`` followed); empty: anywhere
+    # the process may read (a recipe is operator configuration, README "Recipes").
+    confine_to: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:

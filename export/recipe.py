@@ -18,6 +18,7 @@ steps = 30
 [engine]                        # optional image-size range of the exported engines (pixels)
 min_size = 512
 max_size = 1024
+max_pixels = 4194304            # optional: prompts x height x width per request (default max_batch x max_size^2)
 ```
 Relative paths are relative to the recipe file.
 """
@@ -69,6 +70,7 @@ class EngineRange:
     opt_size: int
     max_size: int
     max_batch: int = 8
+    max_pixels: int = 0  # prompts x height x width per request; 0: max_batch x max_size^2
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ def _defaults(path: Path, arch: str, table: Mapping[str, Any]) -> Defaults:
 
 
 def _engine_range(path: Path, arch: str, table: Mapping[str, Any], defaults: Defaults) -> EngineRange:
-    extra = set(table) - {"min_size", "max_size", "opt_size", "max_batch"}
+    extra = set(table) - {"min_size", "max_size", "opt_size", "max_batch", "max_pixels"}
     if extra:
         raise _fail(path, "[engine]", f"unknown keys {sorted(extra)}")
     d = ARCH_DEFAULTS[arch]
@@ -236,7 +238,8 @@ def _engine_range(path: Path, arch: str, table: Mapping[str, Any], defaults: Def
     hi = table.get("max_size", max(d["max_size"], defaults.height, defaults.width))
     opt = table.get("opt_size", min(max(defaults.height, lo), hi))
     batch = table.get("max_batch", 8)
-    for key, v in (("min_size", lo), ("max_size", hi), ("opt_size", opt), ("max_batch", batch)):
+    pixels = table.get("max_pixels", batch * hi * hi)
+    for key, v in (("min_size", lo), ("max_size", hi), ("opt_size", opt), ("max_batch", batch), ("max_pixels", pixels)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise _fail(path, f"engine.{key}", f"must be a positive integer, got {v!r}")
     for key, v in (("min_size", lo), ("max_size", hi), ("opt_size", opt)):
@@ -248,4 +251,6 @@ def _engine_range(path: Path, arch: str, table: Mapping[str, Any], defaults: Def
         v = getattr(defaults, key)
         if not lo <= v <= hi:
             raise _fail(path, f"defaults.{key}", f"{v} lies outside the engine range [{lo}, {hi}]")
-    return EngineRange(lo, opt, hi, batch)
+    if pixels < lo * lo:
+        raise _fail(path, "engine.max_pixels", f"{pixels} is less than one image of min_size ({lo} x {lo})")
+    return EngineRange(lo, opt, hi, batch, pixels)

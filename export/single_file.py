@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .safe_files import ITEMSIZE, UnsafeFileError, check_safetensors
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SingleFileError", "single_file_arch", "write_config_folder", "convert_single_file", "single_file_folder"]
@@ -151,7 +153,10 @@ def convert_single_file(path: Path, out: Path, *, config: Path | None = None) ->
 
     path = Path(path)
     try:
+        check_safetensors(path, dtypes=tuple(ITEMSIZE))  # checkpoints hold integer buffers too (position_ids)
         checkpoint = load_file(str(path))
+    except UnsafeFileError as exc:
+        raise SingleFileError(str(exc)) from exc
     except (SafetensorError, OSError) as exc:
         raise SingleFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     arch = single_file_arch(path, checkpoint)

@@ -6,6 +6,7 @@ The file's schema and its writer are :mod:`craft_export.manifest_schema`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,11 @@ from craft_export.manifest_schema import FORMAT_VERSION, MANIFEST, EngineInfo, L
 from craft_ops.aggregate import Variant
 from craft_ops.request import Defaults, Limits, LoraInfo
 
-__all__ = ["MANIFEST", "ManifestError", "RepoView", "read_manifest", "inside"]
+__all__ = ["MANIFEST", "PIPELINE_MODELS", "ManifestError", "RepoView", "read_manifest", "inside", "check_models"]
+
+#: The models ``craft export`` always writes besides the networks the manifest names.
+PIPELINE_MODELS = ("craft_pipeline", "craft_pipeline_stream", "craft_catalog")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class ManifestError(ValueError):
@@ -29,6 +34,16 @@ def inside(root: Path, relative: str) -> Path:
     if Path(relative).is_absolute() or (candidate != root and root not in candidate.parents):
         raise ManifestError(f"path {relative!r} escapes the repository {root}")
     return candidate
+
+
+def _model_name(field: str, name: Any) -> str:
+    """A Triton model name the manifest gives: one plain folder of the repository, nothing else."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ManifestError(f"{field}: model name {name!r} is not a plain folder name of the repository "
+                            f"([A-Za-z0-9_][A-Za-z0-9_.-]*)")
+    if name in PIPELINE_MODELS:
+        raise ManifestError(f"{field}: {name!r} is a pipeline model, not a network")
+    return name
 
 
 def _variant(entry: Mapping[str, Any]) -> Variant:
@@ -61,31 +76,48 @@ class RepoView:
     def model_for(self, variant: Variant) -> str | None:
         return self.variants.get(variant)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every Triton model this repository serves: the pipeline models, networks and UNet variants."""
+        return tuple(sorted({*PIPELINE_MODELS, *self.networks.values(), *self.variants.values()}))
+
+
+def check_models(view: RepoView) -> None:
+    """Every model the manifest names is a folder of the repository with a ``config.pbtxt``."""
+    missing = [name for name in view.models if not (view.root / name / "config.pbtxt").is_file()]
+    if missing:
+        raise ManifestError(f"{view.root / MANIFEST}: models {missing} have no folder with a config.pbtxt "
+                            f"in the repository (a half-copied repository? run craft export again)")
+
 
 def read_manifest(root: Path) -> RepoView:
     """Parse and check ``root/manifest.json``."""
     root = Path(root)
     path = root / MANIFEST
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise ManifestError(f"no {MANIFEST} in {root}: not a craft model repository (run craft export)") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
         return _view(root, raw)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ManifestError):
-            raise
+            raise ManifestError(f"{path}: {exc}") from exc
         raise ManifestError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
 def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
+    if raw["arch"] not in ("sd15", "sdxl"):
+        raise ManifestError(f"arch: must be 'sd15' or 'sdxl', got {raw['arch']!r}")
     loras = tuple(LoraRecord.from_json(e) for e in raw["loras"])
     catalog = {r.name: LoraInfo(r.name, r.kind, r.gammas) for r in loras}
-    variants = {_variant(e): e["model"] for e in raw["variants"]}
+    variants = {_variant(e): _model_name("variants", e["model"]) for e in raw["variants"]}
     d = raw["defaults"]
     defaults = Defaults(
         steps=int(d["steps"]), guidance=float(d["guidance"]), scheduler=d["scheduler"],
@@ -94,12 +126,13 @@ def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
     )
     engine = EngineInfo.from_json(raw["engine"])
     limits = Limits(min_hw=(engine.min_size, engine.min_size), max_hw=(engine.max_size, engine.max_size),
-                    multiple=engine.multiple, max_prompts=engine.max_batch)
-    networks = dict(raw["networks"])
+                    multiple=engine.multiple, max_prompts=engine.max_batch, max_pixels=engine.max_pixels)
+    networks = {k: _model_name(f"networks.{k}", v) for k, v in dict(raw["networks"]).items()}
+    needed = {"text_encoder", "vae_decoder"} | ({"text_encoder_2"} if raw["arch"] == "sdxl" else set())
+    if needed - set(networks):
+        raise ManifestError(f"networks: {sorted(needed - set(networks))} missing (got {sorted(networks)})")
     assets = {k: inside(root, v) for k, v in raw["assets"].items()}
     pairs = tuple((p[0], p[1]) for p in raw.get("pairs", []))
-    for name in list(variants.values()) + list(networks.values()):
-        inside(root, name)
     return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, loras, engine,
                     latent_scale=int(raw.get("latent_scale", 8)), latent_channels=int(raw.get("latent_channels", 4)),
                     runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"),

@@ -21,7 +21,7 @@ import torch
 from craft_client.schema import DTYPES, REQUEST_INPUTS
 from craft_ops.aggregate import BASE
 from craft_ops.conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
-from craft_ops.request import GenerateRequest, Plan, RequestError, plan_request
+from craft_ops.request import GenerateRequest, Limits, Plan, RequestError, plan_request
 from craft_ops.sampling import UNetCall, step_variants
 
 from .manifest import RepoView, read_manifest
@@ -55,55 +55,73 @@ class Cancelled(RuntimeError):
     """The client cancelled the request; the loop stops at the next step."""
 
 
-def _text(value) -> str:
+def _shown(arr: np.ndarray):
+    """A request value as an error message shows it: the values when few, else the shape."""
+    arr = np.asarray(arr)
+    if arr.size <= 4:
+        return [v[:40] if isinstance(v, (bytes, str)) else v for v in arr.reshape(-1).tolist()]
+    return f"<{arr.dtype} array of shape {list(arr.shape)}>"
+
+
+def _text(value, field: str, max_chars: int) -> str:
+    """A BYTES element as text: refused before decoding when longer than ``max_chars`` UTF-8 characters
+    could be (4 bytes each), and when not UTF-8."""
     if isinstance(value, bytes):
+        if len(value) > 4 * max_chars:
+            raise RequestError(field, value[:40] + b"...", f"is {len(value)} bytes, longer than {max_chars} characters")
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RequestError("prompt", value[:40], "is not valid UTF-8") from exc
+            raise RequestError(field, value[:40], "is not valid UTF-8") from exc
     return str(value)
 
 
-def _scalar(arrays: Mapping[str, np.ndarray], name: str):
+def _scalar(arrays: Mapping[str, np.ndarray], name: str, limits: Limits):
     arr = arrays.get(name)
     if arr is None:
         return None
     dtype, dims, _ = REQUEST_INPUTS[name]
     flat = np.asarray(arr).reshape(-1)
     if flat.size != dims[0]:
-        raise RequestError(name, np.asarray(arr).tolist(), f"must hold {dims[0]} value(s), got shape {list(np.shape(arr))}")
+        raise RequestError(name, _shown(arr), f"must hold {dims[0]} value(s), got shape {list(np.shape(arr))}")
     kind = flat.dtype.kind
     if dtype == "BYTES":
         if kind not in "OSU":
-            raise RequestError(name, flat.tolist(), "must be BYTES")
-        values = [_text(v) for v in flat]
+            raise RequestError(name, _shown(flat), "must be BYTES")
+        values = [_text(v, name, limits.max_prompt_chars) for v in flat]
         return values[0] if dims[0] == 1 else values
     want = np.dtype(DTYPES[dtype].numpy).kind
     if want == "i" and kind not in "iu":
-        raise RequestError(name, flat.tolist(), f"must be {dtype}")
+        raise RequestError(name, _shown(flat), f"must be {dtype}")
     if want == "f" and kind not in "f":
-        raise RequestError(name, flat.tolist(), "must be FP32")
+        raise RequestError(name, _shown(flat), "must be FP32")
     values = [v.item() for v in flat]
     return values[0] if dims[0] == 1 else tuple(values)
 
 
-def request_from_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[GenerateRequest, int]:
-    """Request tensors (numpy, as Triton delivers them) -> ``GenerateRequest`` and preview interval."""
+def request_from_arrays(arrays: Mapping[str, np.ndarray], limits: Limits = Limits()) -> tuple[GenerateRequest, int]:
+    """Request tensors (numpy, as Triton delivers them) -> ``GenerateRequest`` and preview interval.
+
+    Counts and lengths are checked before any text is decoded (``limits``: the repository's).
+    """
     unknown = set(arrays) - set(REQUEST_INPUTS)
     if unknown:
-        raise RequestError(sorted(unknown)[0], None, f"unknown input; inputs are {sorted(REQUEST_INPUTS)}")
+        raise RequestError(sorted(unknown)[0][:64], None, f"unknown input; inputs are {sorted(REQUEST_INPUTS)}")
     prompt = arrays.get("prompt")
     if prompt is None:
         raise RequestError("prompt", None, "is required")
     prompt = np.asarray(prompt).reshape(-1)
     if prompt.dtype.kind not in "OSU":
-        raise RequestError("prompt", prompt.tolist(), "must be BYTES")
-    v = {name: _scalar(arrays, name) for name in REQUEST_INPUTS if name != "prompt"}
+        raise RequestError("prompt", _shown(prompt), "must be BYTES")
+    if prompt.size > limits.max_prompts:
+        raise RequestError("prompt", f"{prompt.size} prompts", f"at most {limits.max_prompts} prompts per request")
+    texts = tuple(_text(p, "prompt" if i == 0 else f"prompt[{i}]", limits.max_prompt_chars) for i, p in enumerate(prompt))
+    v = {name: _scalar(arrays, name, limits) for name in REQUEST_INPUTS if name != "prompt"}
     for name in ("guidance", "gamma_c", "gamma_s"):
         if v[name] is not None and not math.isfinite(v[name]):
             raise RequestError(name, v[name], "must be finite")
     req = GenerateRequest(
-        prompts=tuple(_text(p) for p in prompt), negative_prompt=v["negative_prompt"] or "",
+        prompts=texts, negative_prompt=v["negative_prompt"] or "",
         content=v["content"] or None, style=v["style"] or None,
         seed=0 if v["seed"] is None else v["seed"], steps=v["steps"], guidance=v["guidance"],
         height=v["height"], width=v["width"], gamma_c=v["gamma_c"], gamma_s=v["gamma_s"],
@@ -185,7 +203,7 @@ class PipelineRuntime:
 
         def callback(step: int, total: int, latents: torch.Tensor) -> None:
             if cancelled is not None and cancelled():
-                raise Cancelled("request cancelled by the client")
+                raise Cancelled(f"request cancelled by the client; stopped after step {step} of {total}")
             if progress is not None:
                 progress(step, total, latents)
 

@@ -9,7 +9,7 @@ so it is handed in rather than imported here.
   stub's event loop as BLS ``async_exec`` calls, both ACFG branches in flight at once.
 * :class:`EngineModel` - a network (ONNX Runtime session, or a TensorRT plan on a GPU) served
   as a Python model, with the requests Triton batched together run as one session call.
-* :class:`CatalogModel` - ``craft_catalog``: the manifest's catalogue as JSON.
+* ``craft_catalog``: :mod:`.catalog`.
 
 Triton's tensor layouts stay here: a per-item scalar, ``(B,)`` to the networks, is ``dims: [1]``
 in ``config.pbtxt`` (:func:`craft_export.triton_config.config_pbtxt`), so it travels as ``(B, 1)``.
@@ -33,10 +33,12 @@ from craft_ops.conditioning import to_uint8
 from craft_ops.request import RequestError
 
 from .batching import run_batched
-from .manifest import MANIFEST, ManifestError, RepoView, read_manifest
+from .manifest import read_manifest
+from .manifest_watch import ManifestWatch, load_missing, stamp_of
 from .runtime import Cancelled, NetCall, PipelineRuntime, request_from_arrays
+from .shutdown import SHUTTING_DOWN, DrainGate
 
-__all__ = ["PipelineSettings", "PipelineModel", "EngineModel", "CatalogModel", "catalog"]
+__all__ = ["PipelineSettings", "PipelineModel", "EngineModel"]
 
 
 def to_wire(value):
@@ -90,12 +92,6 @@ def _error(pb_utils, exc: BaseException):
     return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
 
-def _stamp(repo: Path) -> tuple[int, int]:
-    """Identity of the current ``manifest.json`` (replaced atomically by ``craft export``)."""
-    stat = (repo / MANIFEST).stat()
-    return stat.st_mtime_ns, stat.st_ino
-
-
 class PipelineModel:
     """The CRAFT-LoRA pipeline as a Triton Python model (plain or decoupled)."""
 
@@ -103,8 +99,7 @@ class PipelineModel:
         self.pb = pb_utils
         repo = Path(args["model_repository"]).resolve().parent
         # stamp before reading: a manifest replaced in between is read again on the next request
-        self._manifest_stamp = _stamp(repo)
-        self._rejected_stamp: tuple[int, int] | None = None
+        stamp = stamp_of(repo)
         view = read_manifest(repo)
         self.settings = PipelineSettings.from_args(args, repo, view.runtime)
         self.pool = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="craft")
@@ -112,7 +107,9 @@ class PipelineModel:
         # (in-flight requests' BLS calls keep flowing while a new variant loads)
         self._reloader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="craft-reload")
         self.log = pb_utils.Logger
-        self._runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
+        self.gate = DrainGate(self.settings.model_name)  # craft serve's graceful stop (:mod:`.shutdown`)
+        self.watch = ManifestWatch(repo, PipelineRuntime(view, self._infer_many, self.settings.device), stamp,
+                                   self.log.log_warn)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_gpu = self.settings.device != "cpu"
         self._bls_extra = {}
@@ -122,48 +119,19 @@ class PipelineModel:
 
     # -- manifest (re)loading: a re-export is picked up on the next request ------------------
 
-    def _current_stamp(self) -> tuple[int, int] | None:
-        try:
-            return _stamp(self.settings.repo)
-        except OSError as exc:
-            self.log.log_warn(f"craft: manifest unreadable, keeping the loaded one: {exc}")
-            return None
-
     async def _refresh_if_changed(self) -> None:
-        """A cheap stat on the loop; the re-read and model loads (seconds) on the reload thread."""
-        stamp = self._current_stamp()
-        if stamp is not None and stamp not in (self._manifest_stamp, self._rejected_stamp):
-            await self._loop.run_in_executor(self._reloader, self._refresh)
+        """A cheap stat on the loop; the re-read and model loads (seconds) on the reload thread, one at a
+        time, so concurrent requests that all saw the change reload once (:mod:`.manifest_watch`)."""
+        if self.watch.changed():
+            await self._loop.run_in_executor(self._reloader, self.watch.refresh, self._runtime_for)
 
-    def _refresh(self) -> None:
-        """Re-read the manifest when ``craft export`` replaced it; load models it added.
-
-        Runs on the single reload thread, so concurrent requests that all saw the change reload once:
-        the later ones find the new stamp already in place.
-        """
-        stamp = self._current_stamp()
-        if stamp is None or stamp in (self._manifest_stamp, self._rejected_stamp):
-            return
-        try:
-            runtime = PipelineRuntime.from_repository(self.settings.repo, self._infer_many, self.settings.device)
-        except (ManifestError, OSError, ValueError) as exc:
-            self._rejected_stamp = stamp  # not re-read on every request; the next export replaces it
-            self.log.log_warn(f"craft: new manifest rejected, keeping the loaded one: {exc}")
-            return
-        self._ensure_loaded(runtime)
-        self._runtime, self._manifest_stamp = runtime, stamp
-        self.log.log_info(f"craft: manifest reloaded: {len(runtime.repo.catalog)} LoRAs, "
-                          f"{len(set(runtime.repo.variants.values()))} UNet models")
-
-    def _ensure_loaded(self, runtime: PipelineRuntime) -> None:
-        """Load the manifest's models that the server has not loaded yet (explicit model control)."""
-        repo = runtime.repo
-        for name in sorted(set(repo.variants.values()) | set(repo.networks.values())):
-            try:
-                if not self.pb.is_model_ready(model_name=name):
-                    self.pb.load_model(model_name=name)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its requests by name
-                self.log.log_warn(f"craft: could not load model {name}: {exc}")
+    def _runtime_for(self, view) -> PipelineRuntime:
+        """A new manifest's runtime, after loading the models it adds (a model that fails rejects it)."""
+        load_missing(self.pb, view)
+        runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
+        self.log.log_info(f"craft: manifest reloaded: {len(view.catalog)} LoRAs, "
+                          f"{len(set(view.variants.values()))} UNet models")
+        return runtime
 
     # -- BLS -----------------------------------------------------------------------------------
 
@@ -216,19 +184,31 @@ class PipelineModel:
 
     async def _generate(self, request, progress=None, cancelled=None):
         """Parse on the loop thread, run the pipeline on a worker thread."""
-        req, preview = request_from_arrays({t.name(): t.as_numpy() for t in request.inputs()})
-        runtime = self._runtime
+        runtime = self.watch.current
+        req, preview = request_from_arrays({t.name(): t.as_numpy() for t in request.inputs()}, runtime.repo.limits)
         images, plan = await self._loop.run_in_executor(
             self.pool, lambda: runtime.generate(req, progress=progress and progress(preview), cancelled=cancelled))
         for note in plan.notes:
             self.log.log_info(f"craft: {note}")
         return self._image_response(images, plan)
 
+    def _failed(self, exc: BaseException):
+        if isinstance(exc, Cancelled):
+            self.log.log_info(f"craft: {exc}")  # the step it stopped at: tests and operators read it here
+        return self.pb.InferenceResponse(error=_error(self.pb, exc))
+
+    def _refused(self):
+        unavailable = self.pb.TritonError(SHUTTING_DOWN, self.pb.TritonError.UNAVAILABLE)
+        return self.pb.InferenceResponse(error=unavailable)
+
     async def _one(self, request):
-        try:
-            return await self._generate(request, cancelled=request.is_cancelled)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
-            return self.pb.InferenceResponse(error=_error(self.pb, exc))
+        with self.gate.admit() as admitted:
+            if not admitted:
+                return self._refused()
+            try:
+                return await self._generate(request, cancelled=request.is_cancelled)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+                return self._failed(exc)
 
     async def _stream_one(self, request) -> None:
         pb = self.pb
@@ -243,13 +223,18 @@ class PipelineModel:
                 sender.send(pb.InferenceResponse(output_tensors=tensors))
             return progress
 
-        try:
-            response = await self._generate(request, progress=progress_every, cancelled=sender.is_cancelled)
-        except Exception as exc:  # noqa: BLE001
-            response = pb.InferenceResponse(error=_error(pb, exc))
-        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        with self.gate.admit() as admitted:
+            try:
+                if not admitted:
+                    response = self._refused()
+                else:
+                    response = await self._generate(request, progress=progress_every, cancelled=sender.is_cancelled)
+            except Exception as exc:  # noqa: BLE001
+                response = self._failed(exc)
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def close(self) -> None:
+        self.gate.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self._reloader.shutdown(wait=False, cancel_futures=True)
 
@@ -362,44 +347,3 @@ class EngineModel:
             out = by_index[i]
             responses.append(pb.InferenceResponse(output_tensors=[self._output(n, out[n]) for n in self.settings.outputs]))
         return responses
-
-
-def catalog(repo: Path | RepoView) -> dict:
-    """The client-facing part of a manifest: LoRAs, pairs, defaults, limits."""
-    view = repo if isinstance(repo, RepoView) else read_manifest(repo)
-    return {
-        "arch": view.arch,
-        "loras": [{"name": r.name, "kind": r.kind, "gammas": list(r.gammas), "rank": r.rank, "format": r.format,
-                   "sha256": r.sha256, "coverage": dict(r.coverage)} for r in view.loras],
-        "pairs": [list(p) for p in view.pairs],
-        "defaults": dict(sorted(view.defaults.as_dict().items())),  # key order as in manifest.json
-        "engine": dict(sorted(view.engine.to_json().items())),
-        "runtime": view.runtime,
-        "precision": view.precision,
-    }
-
-
-class CatalogModel:
-    """``craft_catalog``: answers every request with the current manifest's catalogue as JSON."""
-
-    def __init__(self, pb_utils, args: dict[str, str]):
-        self.pb = pb_utils
-        self.repo = Path(args["model_repository"]).resolve().parent
-        self._cached: tuple[tuple[int, int], bytes] | None = None  # (manifest stamp, JSON)
-
-    def _text(self) -> bytes:
-        """The catalogue JSON, re-read only when the manifest file was replaced."""
-        stamp = _stamp(self.repo)  # taken before reading: a replacement in between is read next time
-        if self._cached is None or self._cached[0] != stamp:
-            self._cached = (stamp, json.dumps(catalog(self.repo)).encode())
-        return self._cached[1]
-
-    def execute(self, requests: list[Any]):
-        pb = self.pb
-        try:
-            text = self._text()
-        except (ManifestError, OSError) as exc:
-            error = pb.TritonError(f"manifest unreadable: {exc}", pb.TritonError.UNAVAILABLE)
-            return [pb.InferenceResponse(error=error) for _ in requests]
-        out = np.array([text], dtype=np.object_)
-        return [pb.InferenceResponse(output_tensors=[pb.Tensor("catalog", out)]) for _ in requests]

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -39,6 +39,7 @@ from craft_export.triton_locate import (
     pytriton_dist,
 )
 
+from .admin import restricted_args
 from .triton_env import backend_dir, server_env
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "server_env",
     "server_args",
     "free_port",
+    "reserve_ports",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -62,7 +64,9 @@ MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 # --------------------------------------------------------------------------- config
 
 
-def _reserve_ports(count: int) -> list[int]:
+def reserve_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on loopback that were free a moment ago (all held at once while
+    chosen, so they differ; the usual small race with other processes applies)."""
     with ExitStack() as stack:
         socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
         for sock in socks:
@@ -70,17 +74,21 @@ def _reserve_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+_reserve_ports = reserve_ports
+
+
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago (the usual small race applies)."""
-    return _reserve_ports(1)[0]
+    return reserve_ports(1)[0]
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How to run one tritonserver. Endpoints bind to loopback only.
+    """How to run one tritonserver. Endpoints bind to ``host`` (default loopback only).
 
     ``load_models`` are the ``--load-model`` names for ``model_control="explicit"``
-    (``"*"``: everything in the repository); other modes ignore them.
+    (``"*"``: everything in the repository); other modes ignore them. ``admin_key``: restrict
+    Triton's admin APIs to requests carrying it (:mod:`craft_serving.admin`).
     """
 
     repo: Path
@@ -96,6 +104,8 @@ class ServerConfig:
     #: model modules are imported twice (a slow start for torch-importing models). Turn it
     #: on for minimal ONNX/TensorRT configs that rely on Triton filling in inputs/outputs.
     auto_complete_config: bool = False
+    host: str = LOOPBACK
+    admin_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -116,19 +126,25 @@ class ServerConfig:
         return cls(Path(repo), http, grpc, metrics, **kwargs)  # type: ignore[arg-type]
 
     @property
+    def connect_host(self) -> str:
+        """Where a local client reaches the server: ``host``, or loopback for a wildcard bind."""
+        host = {"0.0.0.0": LOOPBACK, "": LOOPBACK, "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
+
+    @property
     def http_url(self) -> str:
         """``host:port`` as tritonclient.http expects it."""
-        return f"{LOOPBACK}:{self.http_port}"
+        return f"{self.connect_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
         """``host:port`` as tritonclient.grpc expects it."""
-        return f"{LOOPBACK}:{self.grpc_port}"
+        return f"{self.connect_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
         """Prometheus endpoint URL."""
-        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        return f"http://{self.connect_host}:{self.metrics_port}/metrics"
 
 
 def server_args(
@@ -141,11 +157,11 @@ def server_args(
     args = [
         f"--model-repository={config.repo.resolve()}",
         f"--backend-directory={backends}",
-        f"--http-address={LOOPBACK}",
+        f"--http-address={config.host}",
         f"--http-port={config.http_port}",
-        f"--grpc-address={LOOPBACK}",
+        f"--grpc-address={config.host}",
         f"--grpc-port={config.grpc_port}",
-        f"--metrics-address={LOOPBACK}",
+        f"--metrics-address={config.host}",
         f"--metrics-port={config.metrics_port}",
         "--allow-gpu-metrics=false",
         "--allow-sagemaker=false",
@@ -163,6 +179,8 @@ def server_args(
     ]
     if cache_directory is not None:
         args.append(f"--cache-directory={cache_directory}")
+    if config.admin_key:
+        args += restricted_args(config.admin_key)
     return [*args, *config.extra_args]
 
 
@@ -245,7 +263,8 @@ class TritonServer:
             raise TritonServerError(f"model repository {self.config.repo} is not a directory")
         cmd = self.command()
         env = server_env(self.binary, self._base_env)
-        LOGGER.info("starting tritonserver (log: %s): %s", self.log_path, " ".join(cmd))
+        shown = [a.replace(self.config.admin_key, "***") if self.config.admin_key else a for a in cmd]
+        LOGGER.info("starting tritonserver (log: %s): %s", self.log_path, " ".join(shown))
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 cmd,

@@ -229,6 +229,94 @@ def test_bad_export_cli_cases(repos, demo_dir, tmp_path):
     assert _tree_digest(repo) == before and (foreign / "keep.txt").read_text() == "mine"
 
 
+def test_hostile_lora_header_and_paths_outside_confine_to_are_refused(repos, demo_dir, tmp_path):
+    """A LoRA whose header claims more bytes than the file holds, and (with --confine-to) a LoRA that is a
+    symlink out of the allowed folder: both refused with the file named, the repository untouched."""
+    repo, recipe, _ = repos["sd15"]
+    before = _tree_digest(repo)
+    liar = tmp_path / "liar.safetensors"
+    liar.write_bytes((10**9).to_bytes(8, "little") + b'{"a": 1}')
+    outside = tmp_path / "outside.safetensors"  # a fine LoRA file, in the wrong place
+    outside.write_bytes((demo_dir / "loras" / "sd15-fire.safetensors").read_bytes())
+    escape = demo_dir / "escape.safetensors"
+    escape.unlink(missing_ok=True)
+    escape.symlink_to(outside)
+    for path, options, needle in ((liar, {}, f"{liar}: header: declared header length .* larger than the file"),
+                                  (escape, {"confine_to": (demo_dir,)},
+                                   f"lora 'x'.path: {outside} .*outside the allowed folders")):
+        bad = demo_dir / f"bad-{path.stem}.toml"  # inside the confined folder: only the LoRA escapes
+        bad.write_text(recipe.read_text().replace(
+            "[defaults]", f'[[lora]]\nname = "x"\nkind = "style"\npath = "{path}"\n\n[defaults]'))
+        with pytest.raises((ExportError, ValueError), match=needle):
+            export_repository(ExportOptions(recipe=bad, out=repo, runner="python", **options))
+    assert _tree_digest(repo) == before
+
+
+def _digest_outside_staging(repo: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(repo.rglob("*")):
+        rel = p.relative_to(repo)
+        if rel.parts[0] != ".craft-staging":
+            h.update(str(rel).encode())
+            h.update(p.read_bytes() if p.is_file() else b"")
+    return h.hexdigest()
+
+
+def _overflowing_lora(demo_dir: Path, out: Path) -> Path:
+    """Finite factors whose product overflows fp32: passes every load-time check, fails when baked."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(demo_dir / "loras" / "sd15-fire.safetensors"))
+    save_file({k: v * 1e20 if v.ndim >= 2 else v for k, v in sd.items()}, str(out))
+    return out
+
+
+def test_failed_exports_leave_the_repository_byte_identical(repos, demo_dir, tmp_path):
+    """A corrupt LoRA found late (after models were built), a file-size limit (a full disk's stand-in:
+    RLIMIT_FSIZE, EFBIG) and kill -9 mid-build: every file of REPO is as it was (sha256 of every file;
+    a killed export's hidden .craft-staging folder aside); the next export removes that and succeeds."""
+    import resource
+    import signal
+    import time
+
+    repo, recipe, _ = repos["sd15"]
+    before, before_outside = _tree_digest(repo), _digest_outside_staging(repo)
+    # 1. late: 'bull' is fine and built first, then the overflowing 'fire' fails its first variant
+    late = write_recipe(demo_dir, "sd15", ["dog", "watercolor", "bull", "fire"], tmp_path / "late.toml")
+    late.write_text(late.read_text().replace(str(demo_dir / "loras" / "sd15-fire.safetensors"),
+                                             str(_overflowing_lora(demo_dir, tmp_path / "fire.safetensors"))))
+    progress: list[str] = []
+    with pytest.raises((ExportError, ValueError), match="non-finite delta"):
+        export_repository(ExportOptions(recipe=late, out=repo, runner="python"), progress=progress.append)
+    assert sum("baking" in m for m in progress) >= 2, progress  # at least one model was finished first
+    assert _tree_digest(repo) == before
+    grown = write_recipe(demo_dir, "sd15", ["dog", "watercolor", "fire"], tmp_path / "grown.toml")
+    cmd = [CRAFT, "export", "--recipe", str(grown), "--out", str(repo), "--runner", "python"]
+
+    # 2. no room: files over 1 MB (every UNet's ONNX) cannot be written
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, preexec_fn=small_files)
+    assert r.returncode == 2 and "the repository is unchanged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _tree_digest(repo) == before
+    # 3. kill -9 while the first new model is being built
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = repo / ".craft-staging" / "models"
+    deadline = time.monotonic() + 600
+    while not (staged.is_dir() and any(staged.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (repo / ".craft-staging").is_dir() and _digest_outside_staging(repo) == before_outside
+    # 4. the next export clears what the killed one left and succeeds
+    report = export_repository(ExportOptions(recipe=grown, out=repo, runner="python"))
+    assert sorted(report.built) == ["unet_c-dog_s-fire", "unet_s-fire"] and not (repo / ".craft-staging").exists()
+    assert "fire" in read_manifest(repo).catalog
+
+
 @pytest.mark.gpu
 def test_tensorrt_export_builds_and_refits(demo_dir, tmp_path):
     recipe = write_recipe(demo_dir, "sd15", ["dog", "watercolor"], tmp_path / "r.toml")

@@ -225,8 +225,8 @@ def test_cli_version_module_and_serve_log_help():
     help_text = " ".join(r.stdout.split())
     from craft_serving.serve import default_log_path
 
-    assert default_log_path(Path("out/repo-sd15")) == Path("out").resolve() / "repo-sd15-tritonserver.log"
-    assert "<REPO>-tritonserver.log in the folder that holds REPO" in help_text
+    assert default_log_path(Path("out/repo-sd15"), 8000) == Path("out").resolve() / "repo-sd15-tritonserver-8000.log"
+    assert "<REPO>-tritonserver-<HTTP_PORT>.log in the folder that holds REPO" in help_text
 
 
 def test_help_imports_no_heavy_library():

@@ -2,7 +2,7 @@
 
 import triton_python_backend_utils as pb_utils
 
-from craft_serving.triton_model import CatalogModel
+from craft_serving.catalog import CatalogModel
 
 
 class TritonPythonModel:

@@ -1,0 +1,190 @@
+"""An export as a transaction on a model repository: nothing in REPO changes until every file is written.
+
+Layout while ``craft export`` runs::
+
+    REPO/.craft-staging/models/<name>/   models built (and checked) by this export
+    REPO/.craft-staging/manifest.json    the new manifest, written and fsynced before the commit
+    REPO/.craft-staging/trash/           folders the commit moved out of REPO, deleted at the end
+
+Staging lives *inside* REPO so that every move of the commit is a rename on one file system, also
+when REPO is a mount point (the export job of ``deploy/`` mounts its volume there). ``craft serve``
+loads the manifest's models by name, so Triton never looks at the hidden folder.
+
+The commit is renames only (a disk that fills, a corrupt LoRA or a killed process before it leaves
+REPO exactly as it was): each new model folder into place (an older folder of the same name moves
+to the trash), then ``manifest.json`` - last - then the models nothing refers to any more move to the
+trash. A staging folder left by a killed export is removed by the next one, which takes an exclusive
+lock on REPO first (two exports into one repository at once are refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .manifest_schema import MANIFEST
+from .options import ExportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STAGING", "KEY_FILE", "RepoTransaction", "folder_key", "is_leftover", "describe_failure"]
+
+STAGING = ".craft-staging"
+#: In every model folder the export builds: the content key it was built for (plan.variant_key...).
+KEY_FILE = "craft-key"
+
+
+def folder_key(folder: Path) -> str | None:
+    """The content key a model folder was built for (None: no key file, an older export)."""
+    try:
+        return (Path(folder) / KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def is_leftover(name: str) -> bool:
+    """Entries of REPO that only a failed or killed export leaves behind."""
+    return name == STAGING or name.startswith(".old-") or name.startswith(f".{MANIFEST}.")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class RepoTransaction:
+    """``with RepoTransaction(out) as txn``: build into ``txn.stage(name)``, then ``txn.commit(...)``.
+
+    Leaving the block without a commit (an exception, a signal) removes the staging folder and
+    leaves REPO as it was (a REPO folder this export created is removed again if still empty).
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.root = self.out / STAGING
+        self.models = self.root / "models"
+        self.trash = self.root / "trash"
+        self._lock_fd: int | None = None
+        self._created_out = False
+        self.committing = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> "RepoTransaction":
+        if self.out.exists() and not self.out.is_dir():
+            raise ExportError(f"--out {self.out} exists and is not a folder")
+        self._created_out = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock()
+            self._clear_leftovers()
+            self.models.mkdir(parents=True)
+        except BaseException:
+            self._finish(failed=True)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._finish(failed=exc_type is not None)
+
+    def _lock(self) -> None:
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise ExportError(f"--out {self.out}: another craft export is writing this repository; "
+                              f"wait for it to finish") from exc
+        except OSError as exc:  # e.g. a network file system without flock: go on unlocked
+            log.warning("could not lock %s (%s); make sure no other export writes it", self.out, exc)
+        self._lock_fd = fd
+
+    def _clear_leftovers(self) -> None:
+        """What a killed export left: its staging folder, older exporters' ``.old-*`` folders, temp manifests."""
+        for entry in self.out.iterdir():
+            if is_leftover(entry.name):
+                log.warning("removing %s, left by an export that did not finish", entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    def _finish(self, failed: bool) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if failed and self._created_out and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # -- building -------------------------------------------------------------------------------
+
+    def stage(self, name: str) -> Path:
+        """Where the model ``name`` is built (the folder itself is created by the builder)."""
+        return self.models / name
+
+    def mark(self, name: str, key: str) -> None:
+        """Record the content key a staged model was built for (read back by :func:`folder_key`)."""
+        (self.stage(name) / KEY_FILE).write_text(key + "\n")
+
+    # -- the commit -------------------------------------------------------------------------------
+
+    def commit(self, names: Iterable[str], manifest: Mapping[str, Any], remove: Iterable[str] = ()) -> None:
+        """Move the staged models into REPO, swap ``manifest.json`` last, then retire ``remove``."""
+        names, remove = list(names), list(remove)
+        missing = [n for n in names if not self.stage(n).is_dir()]
+        if missing:
+            raise ExportError(f"internal: models {missing} were never staged")
+        # 1. the manifest is written (and fsynced) before anything in REPO moves: a full disk fails here
+        staged_manifest = self.root / MANIFEST
+        _write_json(staged_manifest, manifest)
+        for name in names:
+            _fsync_dir(self.stage(name))
+        self.trash.mkdir(exist_ok=True)
+        self.committing = True
+        # 2. renames only from here on
+        for name in names:
+            dest = self.out / name
+            if dest.exists() or dest.is_symlink():
+                os.replace(dest, self.trash / name)
+            os.replace(self.stage(name), dest)
+        _fsync_dir(self.out)
+        # 3. the manifest, last: a reader sees the old repository or the new one
+        os.replace(staged_manifest, self.out / MANIFEST)
+        _fsync_dir(self.out)
+        # 4. models the new manifest no longer names
+        for name in remove:
+            dest = self.out / name
+            if dest.exists() and name not in names:
+                os.replace(dest, self.trash / name)
+        shutil.rmtree(self.trash, ignore_errors=True)
+
+
+def describe_failure(out: Path, exc: OSError, committing: bool) -> str:
+    """A user-facing message for a file-system error during an export (a full disk, a read-only volume)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space, or export to a larger volume)"
+    where = f" ({exc.filename})" if exc.filename else ""
+    state = ("the export stopped while moving models into place; run it again to finish" if committing
+             else "the repository is unchanged")
+    return f"--out {out}: {reason}{where}; {state}"
