@@ -23,7 +23,7 @@ def _fields(request) -> dict:
 
 def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
     """Send a request to a server; returns (N, H, W, 3) uint8. Server errors exit 2 with the message."""
-    from craft_client import CraftClient, CraftServerError
+    from craft_client import CraftClient, CraftServerError, CraftUnavailableError
 
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
@@ -39,6 +39,8 @@ def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
                     bar.close()
             else:
                 result = client.generate(list(request.prompts), **_fields(request))
+    except CraftUnavailableError as exc:
+        raise ValueError(f"url: {exc}") from exc
     except CraftServerError as exc:
         raise ValueError(f"server refused the request: {exc}") from exc
     for note in result.notes:
@@ -47,11 +49,13 @@ def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from craft_client import CraftClient, CraftServerError
+    from craft_client import CraftClient, CraftServerError, CraftUnavailableError
 
     try:
         with CraftClient(args.url, args.protocol, model=args.model) as client:
             info = client.catalog()
+    except CraftUnavailableError as exc:
+        raise ValueError(f"url: {exc}") from exc
     except CraftServerError as exc:
         raise ValueError(f"server: {exc}") from exc
     if args.json:
@@ -72,7 +76,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("models", formatter_class=HelpFormatter, help="list the LoRAs and defaults a server offers")
-    p.add_argument("--url", required=True, help="server HOST:PORT")
+    p.add_argument("--url", required=True, help="server HOST:PORT, or several comma-separated (replicas)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how to reach the server")
     p.add_argument("--model", default="craft_pipeline", help="Triton pipeline model name")
     p.add_argument("--json", action="store_true", help="print the catalogue as JSON")
