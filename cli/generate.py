@@ -72,7 +72,7 @@ def register(sub) -> None:
     where = p.add_argument_group("where")
     where.add_argument("--local", action="store_true", help="run the PyTorch reference pipeline in-process")
     where.add_argument("--recipe", help="recipe file (with --local; default: none)")
-    where.add_argument("--url", help="server HOST:PORT (default: none)")
+    where.add_argument("--url", help="server HOST:PORT, or several comma-separated replicas tried in turn (default: none)")
     where.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how to reach the server")
     where.add_argument("--model", default="craft_pipeline", help="Triton pipeline model name")
     where.add_argument("--stream", action="store_true", help="stream progress from the server (gRPC)")

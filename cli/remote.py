@@ -82,7 +82,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("models", formatter_class=HelpFormatter, help="list the LoRAs and defaults a server offers")
-    p.add_argument("--url", required=True, help="server HOST:PORT")
+    p.add_argument("--url", required=True, help="server HOST:PORT, or several comma-separated (replicas)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how to reach the server")
     p.add_argument("--model", default="craft_pipeline", help="Triton pipeline model name")
     p.add_argument("--json", action="store_true", help="print the catalogue as JSON")

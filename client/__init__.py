@@ -2,6 +2,7 @@
 
 from .client import (AsyncCraftClient, CraftClient, CraftConnectionError, CraftServerError, GenerateResult, Progress,
                      build_request)
+from .endpoints import RetryPolicy
 
-__all__ = ["CraftClient", "AsyncCraftClient", "CraftServerError", "CraftConnectionError", "GenerateResult", "Progress",
-           "build_request"]
+__all__ = ["CraftClient", "AsyncCraftClient", "CraftServerError", "CraftConnectionError", "RetryPolicy",
+           "GenerateResult", "Progress", "build_request"]

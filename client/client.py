@@ -9,6 +9,13 @@ Server-side errors (an unknown LoRA, a size out of range...) raise :class:`Craft
 with the server's message, which names the field and the value. A server that cannot be reached
 (nothing listening, the other protocol's port, a connection cut) raises
 :class:`CraftConnectionError` (a :class:`CraftServerError`) naming the address and the protocol.
+Several replicas:
+
+    client = CraftClient("10.0.0.1:8001,10.0.0.2:8001,10.0.0.3:8001")   # or a list
+
+Calls go round-robin; one whose replica cannot be reached (or answers ``UNAVAILABLE``, as a
+draining server does) moves on to the next, within a bounded retry budget
+(:mod:`craft_client.endpoints`); a refused request is never sent again.
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ import http.client
 import json
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .endpoints import RetryPolicy, Rotation, is_unavailable, parse_endpoints
 from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, STREAM_MODEL
 
-__all__ = ["CraftServerError", "CraftConnectionError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient", "build_request"]
+__all__ = ["CraftServerError", "CraftConnectionError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient",
+           "build_request"]
 
 PROTOCOLS = ("grpc", "http")
 
@@ -47,6 +57,7 @@ class CraftConnectionError(CraftServerError):
         super().__init__(f"could not reach a server at {url} over {protocol}: {reason}; check that craft serve "
                          f"is running there and that {url} is its {port} port", "UNREACHABLE")
         self.url, self.protocol, self.reason = url, protocol, reason
+        self.endpoints: tuple[str, ...] = (url,)
 
 
 #: gRPC messages of a channel that never reached a server (as opposed to a server's UNAVAILABLE answer)
@@ -164,21 +175,78 @@ def _wrap(exc: BaseException, url: str, protocol: str) -> CraftServerError:
     return CraftServerError(message or str(exc), status)
 
 
-class _Base:
-    """What both clients share: protocol, model names, timeout, request tensors."""
+def _retryable(exc: BaseException, wrapped: CraftServerError) -> bool:
+    """Worth another endpoint: unreachable, cut off, or answering UNAVAILABLE (draining)."""
+    return isinstance(wrapped, CraftConnectionError) or is_unavailable(exc)
 
-    def __init__(self, url: str, protocol: str, model: str, stream_model: str, timeout: float | None, aio: bool):
+
+class _Base:
+    """What both clients share: endpoints, protocol, model names, timeout, request tensors."""
+
+    def __init__(self, url: str | Sequence[str], protocol: str, model: str, stream_model: str,
+                 timeout: float | None, aio: bool, retry: RetryPolicy | None = None):
         self.mod, self._exc = _modules(protocol, aio=aio)
+        self._caught = (*self._exc, OSError)
         self.protocol = protocol
         self.model = model
         self.stream_model = stream_model
         self.timeout = timeout
-        self.url = url
+        self.urls = parse_endpoints(url)
+        self.url = ",".join(self.urls)
+        self.retry = retry or RetryPolicy()
+        self._rotation = Rotation(len(self.urls))
         if protocol == "http":  # one timeout for the whole connection; gRPC takes it per call
             kwargs = {"conn_timeout" if aio else "network_timeout": timeout or 600.0}
         else:
             kwargs = {}
-        self.client = self.mod.InferenceServerClient(url=url, **kwargs)
+        self.clients = [self.mod.InferenceServerClient(url=u, **kwargs) for u in self.urls]
+        self.client = self.clients[0]
+
+    def _attempts(self) -> list[tuple[float, int]]:
+        """(pause before, endpoint index) for each attempt one call may make."""
+        n = len(self.urls)
+        return [(self.retry.pause(k, n), i) for k, i in enumerate(self._rotation.order(self.retry.attempts(n)))]
+
+    def _failed(self, exc: BaseException, i: int, failures: list) -> None:
+        """Record a retryable failure of endpoint ``i``; raise anything else at once."""
+        wrapped = _wrap(exc, self.urls[i], self.protocol)
+        if isinstance(exc, OSError) and not isinstance(wrapped, CraftConnectionError):  # a socket error, any protocol
+            wrapped = CraftConnectionError(self.urls[i], self.protocol, f"{type(exc).__name__}: {exc}")
+        if not _retryable(exc, wrapped):
+            raise wrapped from exc
+        failures.append((self.urls[i], wrapped, exc))
+
+    def _give_up(self, failures: list) -> CraftServerError:
+        """The error after every attempt failed: the endpoint's own for one attempt, else one naming all."""
+        url, last, _ = failures[-1]
+        if len(failures) == 1 or not isinstance(last, CraftConnectionError):
+            return last
+        tried = ", ".join(dict.fromkeys(u for u, _, _ in failures))
+        error = CraftConnectionError(tried, self.protocol, f"{last.reason} (last of {len(failures)} attempts, at {url})")
+        error.endpoints = tuple(dict.fromkeys(u for u, _, _ in failures))
+        return error
+
+    def _call(self, fn):
+        """``fn(client)`` on the next endpoint, moving on while endpoints are unreachable."""
+        failures: list = []
+        for pause, i in self._attempts():
+            time.sleep(pause)
+            try:
+                return fn(self.clients[i])
+            except self._caught as exc:
+                self._failed(exc, i, failures)
+        raise self._give_up(failures) from failures[-1][2]
+
+    async def _acall(self, fn):
+        """:meth:`_call` for the asyncio client (``fn(client)`` returns an awaitable)."""
+        failures: list = []
+        for pause, i in self._attempts():
+            await asyncio.sleep(pause)
+            try:
+                return await fn(self.clients[i])
+            except self._caught as exc:
+                self._failed(exc, i, failures)
+        raise self._give_up(failures) from failures[-1][2]
 
     def _call_timeout(self) -> dict[str, float]:
         return {"client_timeout": self.timeout} if self.protocol == "grpc" and self.timeout else {}
@@ -194,42 +262,60 @@ class _Base:
 class CraftClient(_Base):
     """Synchronous client over tritonclient gRPC (default) or HTTP.
 
-    ``timeout`` (seconds) bounds every call (gRPC) or the connection (HTTP; default 600).
+    ``url``: ``HOST:PORT``, or several (a list or comma-separated) for replicas of one
+    repository. ``timeout`` (seconds) bounds every call (gRPC) or the connection (HTTP; default
+    600). ``retry`` bounds the failover between endpoints (default: each other endpoint once).
     """
 
-    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
-                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
-        super().__init__(url, protocol, model, stream_model, timeout, aio=False)
+    def __init__(self, url: str | Sequence[str], protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=False, retry=retry)
 
     def ready(self) -> bool:
-        try:
-            return bool(self.client.is_server_ready()) and bool(self.client.is_model_ready(self.model))
-        except self._exc:  # refused connections surface as OSError over HTTP
-            return False
+        """True when at least one endpoint is ready to serve the pipeline."""
+        for client in self.clients:
+            try:
+                if client.is_server_ready() and client.is_model_ready(self.model):
+                    return True
+            except self._caught:  # refused connections surface as OSError over HTTP
+                continue
+        return False
 
     def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
         """Images for one request (several prompts -> several images)."""
         inputs = _inputs(self.mod, build_request(prompt, **fields))
-        try:
-            response = self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
-                                         **self._call_timeout())
-        except self._exc as exc:
-            raise _wrap(exc, self.url, self.protocol) from exc
-        return _result(response)
+        outputs = self._outputs(RESPONSE_OUTPUTS)
+        return _result(self._call(lambda c: c.infer(self.model, inputs, outputs=outputs, **self._call_timeout())))
 
     def stream(self, prompt: str | Sequence[str], *, cancel: threading.Event | None = None,
                **fields: Any) -> Iterator[Progress]:
         """Progress messages from ``craft_pipeline_stream`` (gRPC), the last one carrying the result.
 
-        Setting ``cancel`` stops the stream and cancels the work on the server.
+        Setting ``cancel`` stops the stream and cancels the work on the server. A stream moves
+        to another endpoint only while nothing has arrived from the one it started on.
         """
         self._check_stream()
+        inputs = _inputs(self.mod, build_request(prompt, **fields))
+        failures: list = []
+        for pause, i in self._attempts():
+            time.sleep(pause)
+            started = False
+            try:
+                for event in self._stream_once(self.clients[i], inputs, cancel):
+                    started = True
+                    yield event
+                return
+            except self._caught as exc:
+                if started:
+                    raise _wrap(exc, self.urls[i], self.protocol) from exc
+                self._failed(exc, i, failures)
+        raise self._give_up(failures) from failures[-1][2]
+
+    def _stream_once(self, client, inputs, cancel: threading.Event | None) -> Iterator[Progress]:
         events: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: events.put((result, error)),
-                                 stream_timeout=self.timeout)
+        client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout)
         try:
-            self.client.async_stream_infer(self.stream_model, _inputs(self.mod, build_request(prompt, **fields)),
-                                           enable_empty_final_response=False)
+            client.async_stream_infer(self.stream_model, inputs, enable_empty_final_response=False)
             while True:
                 if cancel is not None and cancel.is_set():
                     return
@@ -238,24 +324,22 @@ class CraftClient(_Base):
                 except queue.Empty:
                     continue
                 if error is not None:
-                    raise _wrap(error, self.url, self.protocol)
+                    raise error
                 event = _event(result)
                 yield event
                 if event.result is not None:
                     return
         finally:
-            self.client.stop_stream(cancel_requests=cancel is not None and cancel.is_set())
+            client.stop_stream(cancel_requests=cancel is not None and cancel.is_set())
 
     def catalog(self) -> dict:
         """The served LoRAs, pairs, defaults and limits."""
-        try:
-            response = self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]), **self._call_timeout())
-        except self._exc as exc:
-            raise _wrap(exc, self.url, self.protocol) from exc
-        return _catalog(response)
+        outputs = self._outputs(["catalog"])
+        return _catalog(self._call(lambda c: c.infer(CATALOG_MODEL, [], outputs=outputs, **self._call_timeout())))
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
     def __enter__(self) -> "CraftClient":
         return self
@@ -268,25 +352,26 @@ class AsyncCraftClient(_Base):
     """asyncio client over ``tritonclient.grpc.aio`` / ``tritonclient.http.aio``: the same methods as
     :class:`CraftClient`, awaited (``stream`` is an async iterator)."""
 
-    def __init__(self, url: str, protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
-                 stream_model: str = STREAM_MODEL, timeout: float | None = None):
-        super().__init__(url, protocol, model, stream_model, timeout, aio=True)
+    def __init__(self, url: str | Sequence[str], protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=True, retry=retry)
 
     async def ready(self) -> bool:
-        try:
-            return bool(await self.client.is_server_ready()) and bool(await self.client.is_model_ready(self.model))
-        except self._exc:
-            return False
+        """True when at least one endpoint is ready to serve the pipeline."""
+        for client in self.clients:
+            try:
+                if await client.is_server_ready() and await client.is_model_ready(self.model):
+                    return True
+            except self._caught:
+                continue
+        return False
 
     async def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
         """Images for one request (several prompts -> several images)."""
         inputs = _inputs(self.mod, build_request(prompt, **fields))
-        try:
-            response = await self.client.infer(self.model, inputs, outputs=self._outputs(RESPONSE_OUTPUTS),
-                                               **self._call_timeout())
-        except self._exc as exc:
-            raise _wrap(exc, self.url, self.protocol) from exc
-        return _result(response)
+        outputs = self._outputs(RESPONSE_OUTPUTS)
+        return _result(await self._acall(lambda c: c.infer(self.model, inputs, outputs=outputs,
+                                                             **self._call_timeout())))
 
     async def stream(self, prompt: str | Sequence[str], *, cancel: asyncio.Event | None = None,
                      **fields: Any) -> AsyncIterator[Progress]:
@@ -296,37 +381,48 @@ class AsyncCraftClient(_Base):
         """
         self._check_stream()
         inputs = _inputs(self.mod, build_request(prompt, **fields))
+        failures: list = []
+        for pause, i in self._attempts():
+            await asyncio.sleep(pause)
+            started = False
+            try:
+                async for event in self._stream_once(self.clients[i], inputs, cancel):
+                    started = True
+                    yield event
+                return
+            except self._caught as exc:
+                if started:
+                    raise _wrap(exc, self.urls[i], self.protocol) from exc
+                self._failed(exc, i, failures)
+        raise self._give_up(failures) from failures[-1][2]
 
+    async def _stream_once(self, client, inputs, cancel: asyncio.Event | None) -> AsyncIterator[Progress]:
         async def requests():
             yield {"model_name": self.stream_model, "inputs": inputs}
 
-        responses = self.client.stream_infer(requests(), stream_timeout=self.timeout)
+        responses = client.stream_infer(requests(), stream_timeout=self.timeout)
         try:
             async for result, error in responses:
                 if cancel is not None and cancel.is_set():
                     return
                 if error is not None:
-                    raise _wrap(error, self.url, self.protocol)
+                    raise error
                 event = _event(result)
                 yield event
                 if event.result is not None:
                     return
-        except self._exc as exc:
-            raise _wrap(exc, self.url, self.protocol) from exc
         finally:
             responses.cancel()  # no-op once the server has finished the request
 
     async def catalog(self) -> dict:
         """The served LoRAs, pairs, defaults and limits."""
-        try:
-            response = await self.client.infer(CATALOG_MODEL, [], outputs=self._outputs(["catalog"]),
-                                               **self._call_timeout())
-        except self._exc as exc:
-            raise _wrap(exc, self.url, self.protocol) from exc
-        return _catalog(response)
+        outputs = self._outputs(["catalog"])
+        return _catalog(await self._acall(lambda c: c.infer(CATALOG_MODEL, [], outputs=outputs,
+                                                              **self._call_timeout())))
 
     async def close(self) -> None:
-        await self.client.close()
+        for client in self.clients:
+            await client.close()
 
     async def __aenter__(self) -> "AsyncCraftClient":
         return self

@@ -1,0 +1,151 @@
+"""Three `craft serve` replicas on one repository: a re-export reaches all of them, and a client
+with all three endpoints loses no request when one replica is killed under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from craft_client import CraftClient, RetryPolicy
+from craft_export.exporter import ExportOptions, export_repository
+from craft_serving.triton_server import TritonServerError, find_tritonserver, free_port
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+try:
+    find_tritonserver()
+except TritonServerError as _exc:  # pragma: no cover - the dev extra installs it
+    pytest.skip(f"no tritonserver: {_exc}", allow_module_level=True)
+
+CRAFT = str(Path(sys.executable).with_name("craft"))
+REPLICAS = 3
+REQUEST = dict(prompt="a dog <c> in watercolor style <s>", content="dog", style="watercolor", seed=3, steps=2)
+
+
+class Replica:
+    def __init__(self, repo: Path, log: Path):
+        self.http, self.grpc, metrics = free_port(), free_port(), free_port()
+        # its own session: killing the group takes tritonserver and its stubs with it
+        self.proc = subprocess.Popen(
+            [CRAFT, "serve", "--repo", str(repo), "--http-port", str(self.http), "--grpc-port", str(self.grpc),
+             "--metrics-port", str(metrics), "--log-file", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"127.0.0.1:{self.grpc}"
+        self.log = log
+
+    def wait_ready(self, deadline: float) -> None:
+        with CraftClient(self.url, timeout=10) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"craft serve exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+                if client.ready():
+                    return
+                time.sleep(0.5)
+        raise RuntimeError(f"replica not ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _recipe(demo_dir: Path, loras: list[str]) -> str:
+    from craft_reference.demo import recipe_text
+
+    return recipe_text("sd15", loras, root=demo_dir)
+
+
+@pytest.fixture(scope="module")
+def replicas(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicas")
+    recipe, repo = root / "recipe.toml", root / "repo"
+    recipe.write_text(_recipe(demo_dir, ["dog", "watercolor"]))
+    export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
+    started = [Replica(repo, root / f"replica-{i}.log") for i in range(REPLICAS)]
+    try:
+        deadline = time.monotonic() + 300
+        for r in started:
+            r.wait_ready(deadline)
+        yield recipe, repo, started
+    finally:
+        for r in started:
+            r.stop()
+
+
+def test_reexport_reaches_every_replica(replicas, demo_dir):
+    recipe, repo, reps = replicas
+    urls = [r.url for r in reps]
+    recipe.write_text(_recipe(demo_dir, ["dog", "watercolor", "fire"]))
+    r = subprocess.run([CRAFT, "export", "--recipe", str(recipe), "--out", str(repo), "--runner", "python"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    swapped = time.monotonic()
+    seen: dict[str, float] = {}
+    while len(seen) < REPLICAS and time.monotonic() - swapped < 120:
+        for url in urls:  # every answer during the switch is the old or the new catalogue, never an error
+            with CraftClient(url, timeout=30) as client:
+                names = {lora["name"] for lora in client.catalog()["loras"]}
+            assert names in ({"dog", "watercolor"}, {"dog", "watercolor", "fire"})
+            if "fire" in names:
+                seen.setdefault(url, time.monotonic() - swapped)
+        time.sleep(0.2)
+    assert len(seen) == REPLICAS, f"replicas still on the old manifest after 120 s: {set(urls) - set(seen)}"
+    with CraftClient(urls) as client:  # the new LoRA is servable through any of them
+        images = [client.generate("a dog <c> in fire style <s>", content="dog", style="fire", seed=1, steps=2).images
+                  for _ in urls]
+    assert all(np.array_equal(images[0], im) for im in images[1:])
+    print(f"replicas serving the new catalogue after {max(seen.values()):.2f} s (slowest)")
+
+
+def _wait_for_traffic(url: str, timeout: float = 120.0) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = client.get_inference_statistics("craft_pipeline", as_json=True)["model_stats"][0]
+        if int(stats["inference_stats"]["success"].get("count", 0)) >= 1:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no request reached {url} in {timeout} s")
+
+
+def test_killing_one_replica_under_load_fails_no_request(replicas):
+    _, _, reps = replicas
+    urls = [r.url for r in reps]
+    with CraftClient(urls[0], timeout=120) as client:
+        expected = client.generate(REQUEST["prompt"], **{k: v for k, v in REQUEST.items() if k != "prompt"}).images
+    errors, per_client = [], 6
+
+    def worker(i: int) -> list[np.ndarray]:
+        out = []
+        with CraftClient(urls, timeout=120, retry=RetryPolicy(retries=4, backoff_s=0.2)) as client:
+            for _ in range(per_client):
+                try:
+                    out.append(client.generate(REQUEST["prompt"],
+                                               **{k: v for k, v in REQUEST.items() if k != "prompt"}).images)
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(repr(exc))
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(worker, i) for i in range(8)]
+        _wait_for_traffic(reps[-1].url)  # the load reaches the replica that is about to die
+        reps[-1].stop(signal.SIGKILL)
+        results = [f.result(timeout=600) for f in futures]
+    assert errors == []
+    images = [im for out in results for im in out]
+    assert len(images) == 8 * per_client
+    assert all(np.array_equal(im, expected) for im in images)
