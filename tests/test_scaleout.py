@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from craft_client import CraftClient, RetryPolicy
 from craft_export.exporter import ExportOptions, export_repository
-from craft_serving.triton_server import TritonServerError, find_tritonserver, free_port
+from craft_serving.triton_server import TritonServerError, find_tritonserver, reserve_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -32,7 +33,7 @@ REQUEST = dict(prompt="a dog <c> in watercolor style <s>", content="dog", style=
 
 class Replica:
     def __init__(self, repo: Path, log: Path):
-        self.http, self.grpc, metrics = free_port(), free_port(), free_port()
+        self.http, self.grpc, metrics = reserve_ports(3)
         # its own session: killing the group takes tritonserver and its stubs with it
         self.proc = subprocess.Popen(
             [CRAFT, "serve", "--repo", str(repo), "--http-port", str(self.http), "--grpc-port", str(self.grpc),
@@ -52,13 +53,24 @@ class Replica:
         raise RuntimeError(f"replica not ready: {self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        """SIGINT: craft serve stops its tritonserver. SIGKILL: the whole process tree dies at once
+        (tritonserver runs in a session of its own, so a process-group kill would miss it)."""
+        if self.proc.poll() is not None:
+            return
+        if sig == signal.SIGKILL:
+            tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            for p in tree:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(tree, timeout=30)
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.stop(signal.SIGKILL)
 
 
 def _recipe(demo_dir: Path, loras: list[str]) -> str:
@@ -82,6 +94,26 @@ def replicas(demo_dir, tmp_path_factory):
     finally:
         for r in started:
             r.stop()
+
+
+def _soak_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("craft_soak_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_soak_over_replicas(replicas):
+    """benchmarks/soak.py, short: mixed traffic over the three replicas, every image as when run alone."""
+    _, _, reps = replicas
+    report = _soak_module().run([r.url for r in reps], clients=4, duration=20, server_pid=reps[0].proc.pid,
+                                menu_size=8)
+    assert report["failures"] == [] and report["mismatches"] == []
+    assert report["requests"] >= 4 and report["ok"]
+    assert any(name.startswith("tritonserver") for name in report["memory"])
 
 
 def test_reexport_reaches_every_replica(replicas, demo_dir):
