@@ -16,7 +16,7 @@ CHECKOV_SPEC := checkov>=3.3,<3.4
 TRT_VENV    := .venv-tensorrt
 TRT_VERSION  = $(shell $(PYTHON) -c "import tomllib; t = tomllib.load(open('deploy/base-image.toml', 'rb')); print(t['releases'][t['image']]['tensorrt'])")
 
-.PHONY: venv demo demo-local test test-gpu bench clean check-tensorrt
+.PHONY: venv demo demo-local test test-extended test-gpu bench clean check-tensorrt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,13 @@ demo-local: $(STAMP) $(DEMO)/recipe-sd15.toml
 demo: $(STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
+# The default suite (about 15 minutes on 2 cores); test-extended adds the multi-process runs
+# (three replicas, soak, kill under load), which .ci/run runs after it.
 test: $(STAMP) $(CHECKOV)
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not extended" $(PYTEST_ARGS)
+
+test-extended: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m extended $(PYTEST_ARGS)
 
 # Run before changing TensorRT code: tests/test_tensorrt_api.py against the pinned TensorRT with
 # its real libraries (~1-2 GB from NVIDIA's index, which `make test`'s machines cannot reach;

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from craft_client import CraftClient, RetryPolicy
 from craft_export.exporter import ExportOptions, export_repository
 from craft_serving.triton_server import TritonServerError, find_tritonserver, reserve_ports
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.extended]
 
 try:
     find_tritonserver()
@@ -116,9 +117,30 @@ def test_short_soak_over_replicas(replicas):
     assert any(name.startswith("tritonserver") for name in report["memory"])
 
 
-def test_reexport_reaches_every_replica(replicas, demo_dir):
+def _fields(**kw) -> dict:
+    return {k: v for k, v in {**REQUEST, **kw}.items() if k != "prompt"}
+
+
+def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
+    """A re-export while 8 clients run: no request fails or sees a half-written model; afterwards
+    every replica serves the new catalogue (and the new LoRA)."""
     recipe, repo, reps = replicas
     urls = [r.url for r in reps]
+    with CraftClient(urls[0], timeout=120) as client:
+        expected = client.generate(REQUEST["prompt"], **_fields()).images
+    stop, errors, answers = threading.Event(), [], []
+
+    def worker() -> None:
+        with CraftClient(urls, timeout=300) as client:
+            while not stop.is_set():
+                try:
+                    answers.append(np.array_equal(client.generate(REQUEST["prompt"], **_fields()).images, expected))
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
     recipe.write_text(_recipe(demo_dir, ["dog", "watercolor", "fire"]))
     r = subprocess.run([CRAFT, "export", "--recipe", str(recipe), "--out", str(repo), "--runner", "python"],
                        capture_output=True, text=True, timeout=600)
@@ -133,12 +155,17 @@ def test_reexport_reaches_every_replica(replicas, demo_dir):
             if "fire" in names:
                 seen.setdefault(url, time.monotonic() - swapped)
         time.sleep(0.2)
+    time.sleep(2.0)  # requests keep flowing across the swap on every replica
+    stop.set()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and answers and all(answers), (errors[:3], answers.count(False))
     assert len(seen) == REPLICAS, f"replicas still on the old manifest after 120 s: {set(urls) - set(seen)}"
     with CraftClient(urls) as client:  # the new LoRA is servable through any of them
-        images = [client.generate("a dog <c> in fire style <s>", content="dog", style="fire", seed=1, steps=2).images
-                  for _ in urls]
+        images = [client.generate("a dog <c> in fire style <s>", **_fields(style="fire", seed=1)).images for _ in urls]
     assert all(np.array_equal(images[0], im) for im in images[1:])
-    print(f"replicas serving the new catalogue after {max(seen.values()):.2f} s (slowest)")
+    print(f"{len(answers)} requests across the re-export, 0 failed; every replica on the new catalogue "
+          f"after {max(seen.values()):.2f} s (slowest)")
 
 
 def _wait_for_traffic(url: str, timeout: float = 120.0) -> None:
@@ -158,7 +185,7 @@ def test_killing_one_replica_under_load_fails_no_request(replicas):
     _, _, reps = replicas
     urls = [r.url for r in reps]
     with CraftClient(urls[0], timeout=120) as client:
-        expected = client.generate(REQUEST["prompt"], **{k: v for k, v in REQUEST.items() if k != "prompt"}).images
+        expected = client.generate(REQUEST["prompt"], **_fields()).images
     errors, per_client = [], 6
 
     def worker(i: int) -> list[np.ndarray]:
@@ -166,8 +193,7 @@ def test_killing_one_replica_under_load_fails_no_request(replicas):
         with CraftClient(urls, timeout=120, retry=RetryPolicy(retries=4, backoff_s=0.2)) as client:
             for _ in range(per_client):
                 try:
-                    out.append(client.generate(REQUEST["prompt"],
-                                               **{k: v for k, v in REQUEST.items() if k != "prompt"}).images)
+                    out.append(client.generate(REQUEST["prompt"], **_fields()).images)
                 except Exception as exc:  # noqa: BLE001 - every failure is the finding
                     errors.append(repr(exc))
         return out
