@@ -228,6 +228,10 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
     e = loaded.engine
     build = {"runtime": options.runtime, "precision": options.precision, "runner": runner,
              "engine": [e.min_size, e.opt_size, e.max_size, e.max_batch]}
+    if options.runtime == "tensorrt":  # engines built under an older policy are rebuilt, not reused
+        from .trt_policy import POLICY_VERSION
+
+        build["trt_policy"] = POLICY_VERSION
     # 2. plan
     jobs = plan_jobs(loaded, build)
     old_models = old.get("models", {})

@@ -29,8 +29,13 @@ import numpy as np
 
 from .specs import BatchRange
 
-__all__ = ["TensorRTError", "ENGINE_TOLERANCE", "FP32_MODULES", "engine_precision", "profile_batch",
+__all__ = ["TensorRTError", "POLICY_VERSION", "ENGINE_TOLERANCE", "FP32_MODULES", "engine_precision", "profile_batch",
            "fp32_layer_names", "output_errors", "check_engine_error"]
+
+
+# Part of every TensorRT model's content key (craft export): raise it when a decision here changes
+# what an engine is, so re-exports rebuild engines made under the old rule instead of reusing them.
+POLICY_VERSION = 1
 
 
 class TensorRTError(ValueError):
