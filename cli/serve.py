@@ -16,6 +16,10 @@ from .common import HelpFormatter
 __all__ = ["register", "run"]
 
 
+class _StoppedDuringStart(Exception):
+    """SIGTERM / SIGINT while tritonserver was still loading its models."""
+
+
 def _wait(prepared, stop: threading.Event) -> int | None:
     """Serve until a signal (None) or until tritonserver dies (exit status 1)."""
     server = prepared.server
@@ -58,19 +62,25 @@ def run(args: argparse.Namespace) -> int:
                               metrics_port=args.metrics_port, host=args.host, log_file=args.log_file,
                               timeout=args.timeout, admin_key=args.admin_key)
     server = prepared.server
-    stop, again = threading.Event(), threading.Event()
+    stop, again, ready = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(signum, _frame) -> None:
+        if not ready.is_set():  # still loading: nothing is in flight, stop at once
+            raise _StoppedDuringStart(signal.Signals(signum).name)
         (again if stop.is_set() else stop).set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start()
         try:
+            server.start()
             seconds = server.wait_ready()
+            ready.set()
         except TritonServerError as exc:
             print(f"craft: error: tritonserver did not become ready: {exc}", file=sys.stderr)
             return 1
+        except _StoppedDuringStart as exc:
+            print(f"{exc} before tritonserver was ready; stopping it", flush=True)
+            return 0
         _announce(prepared, seconds)
         status = _wait(prepared, stop)
         if status is not None:

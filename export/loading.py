@@ -240,7 +240,7 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     try:
         check_safetensors(path)  # the header against the file size, before any tensor is read
     except UnsafeFileError as exc:
-        raise LoadError(str(exc)) from exc
+        raise LoadError(f"not a readable safetensors file: {exc}") from exc
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})

@@ -156,7 +156,7 @@ def convert_single_file(path: Path, out: Path, *, config: Path | None = None) ->
         check_safetensors(path, dtypes=tuple(ITEMSIZE))  # checkpoints hold integer buffers too (position_ids)
         checkpoint = load_file(str(path))
     except UnsafeFileError as exc:
-        raise SingleFileError(str(exc)) from exc
+        raise SingleFileError(f"not a readable safetensors file: {exc}") from exc
     except (SafetensorError, OSError) as exc:
         raise SingleFileError(f"{path}: not a readable safetensors file ({exc})") from exc
     arch = single_file_arch(path, checkpoint)

@@ -44,7 +44,8 @@ def serve_config(repo: Path, http_port: int, grpc_port: int, metrics_port: int, 
     ``.craft-staging``, models an older manifest named).
     """
     return ServerConfig(repo=repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                        model_control="explicit", load_models=models, host=host, admin_key=admin_key)
+                        model_control="explicit", load_models=models, host=host, admin_key=admin_key,
+                        die_with_parent=True)
 
 
 def default_log_path(repo: Path, http_port: int) -> Path:

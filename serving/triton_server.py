@@ -61,6 +61,15 @@ LOOPBACK = "127.0.0.1"
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 
 
+def _parent_death_signal() -> None:
+    """In the child before exec: SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -106,6 +115,10 @@ class ServerConfig:
     auto_complete_config: bool = False
     host: str = LOOPBACK
     admin_key: str | None = field(default=None, repr=False)
+    #: Linux: tritonserver gets SIGTERM when the thread that started it dies (``craft serve`` killed
+    #: with SIGKILL would otherwise leave it running, holding the ports). Start it from a thread that
+    #: lives as long as the server.
+    die_with_parent: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -274,6 +287,7 @@ class TritonServer:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_parent_death_signal if self.config.die_with_parent else None,
             )
         _LIVE.add(self)
         return self

@@ -56,14 +56,18 @@ def _serve(repo: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "CRAFT_ADMIN_KEY": ADMIN_KEY})
     client = CraftClient(f"127.0.0.1:{http}", "http")
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # minutes on a loaded 2-core machine; pytest-timeout bounds the rest
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"craft serve exited: {proc.stdout.read()}\n{log.read_text() if log.exists() else ''}")
         if client.ready():
             return proc, http, grpc
         time.sleep(0.5)
-    proc.kill()
+    proc.terminate()  # craft serve stops its tritonserver (a SIGKILL would orphan it)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
     raise RuntimeError(f"server not ready: {log.read_text()[-3000:]}")
 
 
