@@ -29,6 +29,7 @@ except TritonServerError as _exc:  # pragma: no cover - the dev extra installs i
 
 CRAFT = str(Path(sys.executable).with_name("craft"))
 REPLICAS = 3
+ADMIN_KEY = "scaleout-admin-key-0123456789"
 REQUEST = dict(prompt="a dog <c> in watercolor style <s>", content="dog", style="watercolor", seed=3, steps=2)
 
 
@@ -39,7 +40,8 @@ class Replica:
         self.proc = subprocess.Popen(
             [CRAFT, "serve", "--repo", str(repo), "--http-port", str(self.http), "--grpc-port", str(self.grpc),
              "--metrics-port", str(metrics), "--log-file", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "CRAFT_ADMIN_KEY": ADMIN_KEY})
         self.url = f"127.0.0.1:{self.grpc}"
         self.log = log
 
@@ -103,6 +105,7 @@ def _soak_module():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
     spec = importlib.util.spec_from_file_location("craft_soak_bench", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -171,10 +174,13 @@ def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
 def _wait_for_traffic(url: str, timeout: float = 120.0) -> None:
     import tritonclient.grpc as grpcclient
 
+    from craft_serving.admin import admin_headers
+
     client = grpcclient.InferenceServerClient(url)
+    key = admin_headers(ADMIN_KEY, "grpc")  # statistics are an admin API
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = client.get_inference_statistics("craft_pipeline", as_json=True)["model_stats"][0]
+        stats = client.get_inference_statistics("craft_pipeline", headers=key, as_json=True)["model_stats"][0]
         if int(stats["inference_stats"]["success"].get("count", 0)) >= 1:
             return
         time.sleep(0.1)
