@@ -301,3 +301,44 @@ def test_generate_cli_reports_server_errors_cleanly(served, tmp_path):
     r = subprocess.run([CRAFT, "generate", "--url", served["sd15"].grpc, "--prompt", "x", "--content", "nobody",
                         "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "content" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the trained toy world (the demo) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_toy(tmp_path_factory):
+    """The toy-world demo recipe (craft demo-assets): exported, behind its own `craft serve`."""
+    from craft_toyworld.catalog import write_toy_demo_assets
+
+    root = tmp_path_factory.mktemp("served-toy")
+    recipe = write_toy_demo_assets(root / "assets")
+    repo = root / "repo-toy"
+    export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
+    proc, http, grpc = _serve(repo, root / "toy.log")
+    try:
+        yield Served(repo, recipe, proc, http, grpc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_toy_world_served_matches_local(served_toy):
+    """Served = the reference that `craft generate --local` runs, on the trained toy world, within 1/255."""
+    from craft_reference.pipeline import ReferencePipeline
+    from craft_toyworld.catalog import committed_craft_loras
+
+    if {"star", "checker"} <= set(committed_craft_loras()):  # the demo request
+        kw = dict(prompt="a sks object <c> in zzs style <s>", content="star", style="checker")
+    else:  # a checkout without the LoRAs: the base alone
+        kw = dict(prompt="a red circle with stripes")
+    prompt = kw.pop("prompt")
+    with served_toy.client() as client:
+        got = client.generate(prompt, **_fields(seed=7, **kw)).images
+    ref = ReferencePipeline.from_recipe(served_toy.recipe).generate(
+        GenerateRequest(prompts=(prompt,), **_fields(seed=7, **kw)))
+    assert got.shape == (1, 64, 64, 3)
+    assert _close(got, ref), f"max diff {np.abs(got.astype(int) - ref.astype(int)).max()}"
