@@ -129,7 +129,11 @@ def run_train_loras(args: argparse.Namespace) -> int:
         lora=dataclasses.replace(lora, rank=pick(args.rank, lora.rank), steps=pick(args.steps, lora.steps),
                                  lr=pick(args.lr, lora.lr)),
         rankft=dataclasses.replace(rankft, steps=pick(args.rankft_steps, rankft.steps)))
-    suite = train_suite(Path(args.base), Path(args.out), settings)
+    bars = _StageBars()
+    try:
+        suite = train_suite(Path(args.base), Path(args.out), settings, progress=bars)
+    finally:
+        bars.close()
     print(f"W_init and LoRAs written to {suite.root}")
     return 0
 

@@ -82,6 +82,8 @@ def test_bad_names_are_refused_with_the_field(tmp_path, capsys):
     assert "craft: error: style: unknown style 'plaid'" in capsys.readouterr().err
     assert craft(["toyworld", "judge", "--images", str(tmp_path / "none")]) == 2
     assert "craft: error: --images: folder not found" in capsys.readouterr().err
+    assert craft(["toyworld", "train-loras", "--base", str(tmp_path), "--out", str(tmp_path / "s"), "--lr", "-1"]) == 2
+    assert "craft: error: --lr: must be positive" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

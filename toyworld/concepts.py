@@ -132,7 +132,7 @@ class RankFTSettings:
 
 
 def train_concept_lora(base: Path, c: Concept, images: Path, out: Path, *, layers: str = "routed",
-                       backbone: Path | None = None, settings: LoraSettings = LoraSettings()):
+                       backbone: Path | None = None, settings: LoraSettings = LoraSettings(), progress=None):
     """One DreamBooth LoRA with the project's trainer; returns its :class:`LoraResult`."""
     from craft_training.config import LoraTrainConfig
     from craft_training.lora import train_lora
@@ -142,11 +142,11 @@ def train_concept_lora(base: Path, c: Concept, images: Path, out: Path, *, layer
         steps=settings.steps, lr=settings.lr, resolution=64, routing=layer_routing(c.kind, layers),
         seed=settings.seed, batch_size=settings.batch_size,
     )
-    return train_lora(config)
+    return train_lora(config, progress)
 
 
 def train_rankft(base: Path, content_refs: Path, style_refs: Path, out: Path,
-                 settings: RankFTSettings = RankFTSettings()):
+                 settings: RankFTSettings = RankFTSettings(), progress=None):
     """The W_init backbone (Rank-FT, Eq. 1-4) with the project's trainer; returns its result."""
     from craft_training.backbone import train_backbone
     from craft_training.config import BackboneConfig
@@ -156,7 +156,7 @@ def train_rankft(base: Path, content_refs: Path, style_refs: Path, out: Path,
         r_min=settings.r_min, steps=settings.steps, lr=settings.lr, resolution=64, batch_size=settings.batch_size,
         seed=settings.seed, checkpoint_every=0,
     )
-    return train_backbone(config)
+    return train_backbone(config, progress)
 
 
 def write_references(root: Path, per_concept: int = 5, seed: int = 0) -> tuple[Path, Path]:

@@ -69,8 +69,16 @@ class Suite:
         return self.root / "loras" / lora_set / f"{name}.safetensors"
 
 
-def train_suite(base: Path, root: Path, settings: SuiteSettings = SuiteSettings()) -> Suite:
-    """Images, references, the Rank-FT backbone (if a set needs it) and every LoRA of ``settings``."""
+def _stage(progress, name: str):
+    """The trainers' ``progress(done, total, losses)`` as a stage of ``progress(stage, done, total, losses)``."""
+    return None if progress is None else (lambda done, total, losses: progress(name, done, total, losses))
+
+
+def train_suite(base: Path, root: Path, settings: SuiteSettings = SuiteSettings(), progress=None) -> Suite:
+    """Images, references, the Rank-FT backbone (if a set needs it) and every LoRA of ``settings``.
+
+    ``progress(stage, done, total, losses)`` after every optimiser step (stages ``rank-ft``, ``<set>/<concept>``).
+    """
     suite, seconds = Suite(Path(root)), {}
     t0 = time.perf_counter()
     # 1. data
@@ -80,7 +88,7 @@ def train_suite(base: Path, root: Path, settings: SuiteSettings = SuiteSettings(
     # 2. W_init
     if any(LORA_SETS[s][1] for s in settings.sets):
         t = time.perf_counter()
-        train_rankft(base, content_refs, style_refs, suite.backbone, settings.rankft)
+        train_rankft(base, content_refs, style_refs, suite.backbone, settings.rankft, _stage(progress, "rank-ft"))
         seconds["rankft"] = time.perf_counter() - t
     # 3. LoRAs
     for lora_set in settings.sets:
@@ -88,7 +96,8 @@ def train_suite(base: Path, root: Path, settings: SuiteSettings = SuiteSettings(
         for name in settings.concepts:
             t = time.perf_counter()
             train_concept_lora(base, concept(name), suite.images(name), suite.lora(lora_set, name), layers=layers,
-                               backbone=suite.backbone if on_winit else None, settings=settings.lora)
+                               backbone=suite.backbone if on_winit else None, settings=settings.lora,
+                               progress=_stage(progress, f"{lora_set}/{name}"))
             seconds[f"{lora_set}/{name}"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     record = {"base": str(base), "settings": json.loads(json.dumps(asdict(settings), default=str)), "seconds": seconds}
