@@ -92,7 +92,7 @@ def _suite(args, pairs, methods, work: Path) -> tuple[Suite, float]:
     settings = SuiteSettings(
         sets=tuple(s for s in LORA_SETS if any(m.loras == s for m in methods)),
         lora=LoraSettings(rank=args.lora_rank, steps=args.lora_steps, lr=args.lora_lr),
-        rankft=RankFTSettings(r_max=args.r_max, r_min=args.r_min, steps=args.rankft_steps),
+        rankft=RankFTSettings(r_max=args.r_max, r_min=args.r_min, steps=args.rankft_steps, evaluate=not args.quick),
         concepts=names, images_per_concept=4 if args.quick else 12, refs_per_concept=2 if args.quick else 5,
     )
     t = time.perf_counter()

@@ -129,6 +129,7 @@ class RankFTSettings:
     lr: float = 1e-3
     batch_size: int = 4
     seed: int = 0
+    evaluate: bool = True  # held-out loss of W0 / W_init at the start and end (train_log.json)
 
 
 def train_concept_lora(base: Path, c: Concept, images: Path, out: Path, *, layers: str = "routed",
@@ -154,7 +155,7 @@ def train_rankft(base: Path, content_refs: Path, style_refs: Path, out: Path,
     config = BackboneConfig(
         base=base, content_images=content_refs, style_images=style_refs, out=out, r_max=settings.r_max,
         r_min=settings.r_min, steps=settings.steps, lr=settings.lr, resolution=64, batch_size=settings.batch_size,
-        seed=settings.seed, checkpoint_every=0,
+        seed=settings.seed, checkpoint_every=0, evaluate=settings.evaluate,
     )
     return train_backbone(config, progress)
 
