@@ -40,9 +40,9 @@ def asset_path(name: str, root: Path = ASSETS) -> Path:
     return path
 
 
-def sampling_defaults() -> dict:
+def sampling_defaults(root: Path = ASSETS) -> dict:
     """Steps, omega and scheduler the committed assets were tuned with (``settings.json``)."""
-    settings = ASSETS / "settings.json"
+    settings = Path(root) / "settings.json"
     data = json.loads(settings.read_text()) if settings.is_file() else {}
     return {"steps": 20, "omega": 4.0, "scheduler": "euler", **data.get("sampling", {})}
 
@@ -69,9 +69,10 @@ def committed_craft_loras(root: Path = ASSETS) -> list[str]:
     return [c.name for c in CONCEPTS if (Path(root) / "loras" / "craft" / f"{c.name}.safetensors").is_file()]
 
 
-def recipe_text(prefix: str = "", *, backbone: bool = True, loras: list[str] | None = None) -> str:
+def recipe_text(prefix: str = "", *, backbone: bool = True, loras: list[str] | None = None,
+                root: Path = ASSETS) -> str:
     """The demo recipe: committed base (+ W_init) + the routed CRAFT LoRAs (default: all four), 64 px engines."""
-    d = sampling_defaults()
+    d = sampling_defaults(root)
     lines = ["# Toy-world demo recipe (craft demo-assets): trained base, Rank-FT backbone (W_init),",
              "# routed content LoRAs (held-out shapes, token sks) and style LoRAs (held-out styles, token zzs).",
              "[base]", f'path = "{prefix}base"', *([f'backbone = "{prefix}backbone"'] if backbone else []),
@@ -104,5 +105,5 @@ def write_toy_demo_assets(out: Path, root: Path = ASSETS) -> Path:
             shutil.copy2(root / name, dest / name)
     recipe = out / RECIPE
     recipe.write_text(recipe_text(f"{TOY_DIR}/", backbone=(root / "backbone" / "unet").is_dir(),
-                                  loras=committed_craft_loras(root)))
+                                  loras=committed_craft_loras(root), root=root))
     return recipe

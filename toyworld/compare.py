@@ -22,7 +22,7 @@ def compare_images(content: str, style: str, seeds: list[int], *, assets: Path =
     """``{"craft": (N, 64, 64, 3), "direct_merge": ...}`` uint8 for consecutive ``seeds``."""
     if concept(content).kind != "content" or concept(style).kind != "style":
         raise ValueError(f"content/style: need a content and a style concept, got {content!r}, {style!r}")
-    d = sampling_defaults()
+    d = sampling_defaults(assets)
     settings = SampleSettings(steps=d["steps"], omega=d["omega"], scheduler=d["scheduler"])
     out = {}
     for name, folder, backbone, routed in (("craft", "craft", assets / "backbone", True),
