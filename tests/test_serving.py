@@ -309,12 +309,13 @@ def test_generate_cli_reports_server_errors_cleanly(served, tmp_path):
 @pytest.fixture(scope="module")
 def served_toy(tmp_path_factory):
     """The toy-world demo recipe (craft demo-assets): exported, behind its own `craft serve`."""
-    from craft_toyworld.catalog import write_toy_demo_assets
+    from craft_toyworld.catalog import committed_craft_loras, write_toy_demo_assets
 
     root = tmp_path_factory.mktemp("served-toy")
     recipe = write_toy_demo_assets(root / "assets")
     repo = root / "repo-toy"
-    export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
+    pairs = "star+checker" if {"star", "checker"} <= set(committed_craft_loras()) else "all"  # the demo's pair only
+    export_repository(ExportOptions(recipe=recipe, out=repo, runner="python", pairs=pairs))
     proc, http, grpc = _serve(repo, root / "toy.log")
     try:
         yield Served(repo, recipe, proc, http, grpc)
