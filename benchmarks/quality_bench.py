@@ -12,8 +12,8 @@ sheet PNG (rows = methods, columns = seeds, one block per pair) to ``--results``
 Seeds: evaluation uses ``--seed-start`` (default 1000) onwards; ``--tune`` switches to the
 tuning seeds 0.. and marks the report as a tuning run (settings were only ever chosen on those).
 
-    .venv/bin/python benchmarks/quality_bench.py                  # the full benchmark (~45 min on 2 idle cores)
-    .venv/bin/python benchmarks/quality_bench.py --quick --results /tmp/q   # harness check (about a minute)
+    .venv/bin/python benchmarks/quality_bench.py                  # the full benchmark (the report records its seconds)
+    .venv/bin/python benchmarks/quality_bench.py --quick --results /tmp/q   # harness check (tiny counts)
 """
 
 from __future__ import annotations
