@@ -119,6 +119,7 @@ class LoraSettings:
     lr: float = 1e-3
     batch_size: int = 4
     seed: int = 0
+    targets: tuple[str, ...] | None = None  # module-name suffixes; None: the trainer's (attention projections)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def train_concept_lora(base: Path, c: Concept, images: Path, out: Path, *, layer
         base=base, backbone=backbone, images=images, kind=c.kind, prompt=c.prompt, out=out, rank=settings.rank,
         steps=settings.steps, lr=settings.lr, resolution=64, routing=layer_routing(c.kind, layers),
         seed=settings.seed, batch_size=settings.batch_size,
+        **({} if settings.targets is None else {"targets": tuple(settings.targets)}),
     )
     return train_lora(config, progress)
 
