@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def _suite(args, pairs, methods, work: Path) -> tuple[Suite, float]:
 
 def _sample_all(args, suite: Suite, methods: list[Method], pairs, seeds) -> dict:
     """(method, content, style) -> images; pipelines are built once per (LoRA set, backbone, routing)."""
-    settings = SampleSettings(steps=args.steps, omega=args.omega)
+    settings = replace(SampleSettings.from_dict(sampling_defaults()), steps=args.steps, omega=args.omega)
     images, pipes, alone = {}, {}, {}
     for m in methods:
         key = (m.loras, m.backbone, m.routed)
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
         _contact_sheet(images, methods, pairs, min(args.sheet_seeds, len(seeds)), args.results / f"{slug}.png")
     report = {
         "quick": args.quick, "tuning": args.tune, "pairs": [list(p) for p in pairs], "seeds": seeds,
-        "settings": {"steps": args.steps, "omega": args.omega, "scheduler": "euler", "lora_steps": args.lora_steps,
+        "settings": {"steps": args.steps, "omega": args.omega, "scheduler": "euler",
+                     "windows": {k: v for k, v in sampling_defaults().items() if k.endswith("window")}, "lora_steps": args.lora_steps,
                      "lora_rank": args.lora_rank, "lora_lr": args.lora_lr, "rankft_steps": args.rankft_steps,
                      "r_max": args.r_max, "r_min": args.r_min, "base": str(args.base), "suite": str(args.suite or "")},
         "methods": report_methods,

@@ -41,7 +41,7 @@ def asset_path(name: str, root: Path = ASSETS) -> Path:
 
 
 def sampling_defaults(root: Path = ASSETS) -> dict:
-    """Steps, omega and scheduler the committed assets were tuned with (``settings.json``)."""
+    """Steps, omega, scheduler (and time-gate windows / mode, if tuned) of the committed assets (``settings.json``)."""
     settings = Path(root) / "settings.json"
     data = json.loads(settings.read_text()) if settings.is_file() else {}
     return {"steps": 20, "omega": 4.0, "scheduler": "euler", **data.get("sampling", {})}
@@ -81,8 +81,9 @@ def recipe_text(prefix: str = "", *, backbone: bool = True, loras: list[str] | N
         if loras is None or c.name in loras:
             lines += ["[[lora]]", f'name = "{c.name}"', f'kind = "{c.kind}"',
                       f'path = "{prefix}loras/craft/{c.name}.safetensors"', ""]
+    windows = [f"{k} = [{float(d[k][0])}, {float(d[k][1])}]" for k in ("content_window", "style_window") if k in d]
     lines += ["[defaults]", f"steps = {d['steps']}", f"guidance = {float(d['omega'])}", f'scheduler = "{d["scheduler"]}"',
-              "height = 64", "width = 64", "",
+              *([f'mode = "{d["mode"]}"'] if "mode" in d else []), *windows, "height = 64", "width = 64", "",
               "[engine]", "min_size = 64", "opt_size = 64", "max_size = 128", "max_batch = 8", ""]
     return "\n".join(lines)
 

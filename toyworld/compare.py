@@ -23,7 +23,7 @@ def compare_images(content: str, style: str, seeds: list[int], *, assets: Path =
     if concept(content).kind != "content" or concept(style).kind != "style":
         raise ValueError(f"content/style: need a content and a style concept, got {content!r}, {style!r}")
     d = sampling_defaults(assets)
-    settings = SampleSettings(steps=d["steps"], omega=d["omega"], scheduler=d["scheduler"])
+    settings = SampleSettings.from_dict(d)
     out = {}
     for name, folder, backbone, routed in (("craft", "craft", assets / "backbone", True),
                                            ("direct_merge", "direct", None, False)):

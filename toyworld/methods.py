@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from craft_ops.aggregate import Variant
+from craft_ops.gates import DEFAULT_CONTENT_WINDOW, DEFAULT_STYLE_WINDOW
 from craft_ops.lora import adapter_deltas
 from craft_ops.request import Defaults, GenerateRequest, Limits
 from craft_ops.routing import resolve_routing
@@ -118,6 +119,14 @@ class SampleSettings:
     steps: int = 20
     omega: float = 4.0
     scheduler: str = "euler"
+    content_window: tuple[float, float] = DEFAULT_CONTENT_WINDOW.bounds  # time gates of the gated methods
+    style_window: tuple[float, float] = DEFAULT_STYLE_WINDOW.bounds
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SampleSettings":
+        """From :func:`craft_toyworld.catalog.sampling_defaults` (keys steps, omega, scheduler, windows)."""
+        keys = ("steps", "omega", "scheduler", "content_window", "style_window")
+        return cls(**{k: tuple(d[k]) if k.endswith("window") else d[k] for k in keys if k in d})
 
 
 def build_pipeline(base: Path, backbone: Path | None, loras: Mapping[str, tuple[str, Path]], *, routed: bool,
@@ -128,7 +137,8 @@ def build_pipeline(base: Path, backbone: Path | None, loras: Mapping[str, tuple[
     parts = load_pipeline_parts(base, backbone=backbone)
     shapes, weights = unet_module_shapes(parts.unet), unet_weights(parts.unet)
     loaded = [LoadedLora(n, kind, load_lora(p, shapes, name=n, weights=weights)[0]) for n, (kind, p) in loras.items()]
-    defaults = Defaults(steps=settings.steps, guidance=settings.omega, scheduler=settings.scheduler, height=64, width=64)
+    defaults = Defaults(steps=settings.steps, guidance=settings.omega, scheduler=settings.scheduler, height=64, width=64,
+                        content_window=settings.content_window, style_window=settings.style_window)
     cls = ReferencePipeline if routed else UnroutedPipeline
     return cls(parts, resolve_routing("sd15"), loaded, defaults, Limits(max_prompts=max_batch))
 
