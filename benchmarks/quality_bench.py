@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from craft_toyworld.suite import Suite, SuiteSettings, train_suite  # noqa: E402
 
 log = logging.getLogger("quality_bench")
 
-QUICK = dict(seeds=2, steps=4, lora_steps=3, rankft_steps=2, pairs=1)
+QUICK = dict(seeds=2, steps=4, lora_steps=3, rankft_steps=2, pairs=1, workers=1)  # workers: no spawn imports
 TUNING_SEED_START = 0
 
 
@@ -70,6 +72,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, help="only the first N content x style pairs")
     p.add_argument("--sheet-seeds", type=int, default=8, help="seeds per row of the contact sheet")
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes (one torch thread each) for LoRA training and sampling; 1 = all in this process")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -95,29 +99,51 @@ def _suite(args, pairs, methods, work: Path) -> tuple[Suite, float]:
         lora=LoraSettings(rank=args.lora_rank, steps=args.lora_steps, lr=args.lora_lr),
         rankft=RankFTSettings(r_max=args.r_max, r_min=args.r_min, steps=args.rankft_steps, evaluate=not args.quick),
         concepts=names, images_per_concept=4 if args.quick else 12, refs_per_concept=2 if args.quick else 5,
+        workers=args.workers,
     )
     t = time.perf_counter()
     suite = train_suite(args.base, work, settings)
     return suite, time.perf_counter() - t
 
 
-def _sample_all(args, suite: Suite, methods: list[Method], pairs, seeds) -> dict:
-    """(method, content, style) -> images; pipelines are built once per (LoRA set, backbone, routing)."""
-    settings = replace(SampleSettings.from_dict(sampling_defaults()), steps=args.steps, omega=args.omega)
-    images, pipes, alone = {}, {}, {}
+def _sample_group(base: Path, backbone: Path, suite_root: Path, settings: SampleSettings, names: list[str],
+                  pairs, seeds, threads: int) -> dict:
+    """Images of the methods ``names`` (one pipeline: same LoRA set, backbone and routing)."""
+    torch.set_num_threads(threads)
+    suite, methods = Suite(suite_root), [m for m in METHODS if m.name in names]
+    m0 = methods[0]
+    loras = {c.name: (c.kind, suite.lora(m0.loras, c.name)) for c in CONCEPTS if suite.lora(m0.loras, c.name).is_file()}
+    pipe = build_pipeline(base, backbone if m0.backbone else None, loras, routed=m0.routed, settings=settings,
+                          max_batch=max(len(seeds), 1))
+    images, alone = {}, {}
     for m in methods:
-        key = (m.loras, m.backbone, m.routed)
-        if key not in pipes:
-            loras = {c.name: (c.kind, suite.lora(m.loras, c.name)) for c in CONCEPTS
-                     if suite.lora(m.loras, c.name).is_file()}
-            pipes[key] = build_pipeline(args.base, suite.backbone if m.backbone else None, loras, routed=m.routed,
-                                        settings=settings, max_batch=max(len(seeds), 1))
         for content, style in pairs:
             # the "alone" methods do not depend on the other half of the pair: sample them once
             used = {"pair": (content, style), "content": (content,), "style": (style,)}[m.uses]
             if (m.name, used) not in alone:
-                alone[m.name, used] = sample_images(pipes[key], m, content, style, seeds)
+                alone[m.name, used] = sample_images(pipe, m, content, style, seeds)
             images[m.name, content, style] = alone[m.name, used]
+    return images
+
+
+def _sample_all(args, suite: Suite, methods: list[Method], pairs, seeds) -> dict:
+    """(method, content, style) -> images; one pipeline per (LoRA set, backbone, routing), spread over
+    ``--workers`` spawned one-thread processes (the groups are independent, so the images do not depend on it)."""
+    settings = replace(SampleSettings.from_dict(sampling_defaults()), steps=args.steps, omega=args.omega)
+    groups: dict[tuple, list[str]] = {}
+    for m in methods:
+        groups.setdefault((m.loras, m.backbone, m.routed), []).append(m.name)
+    jobs = [(args.base, suite.backbone, suite.root, settings, names, pairs, seeds) for names in groups.values()]
+    images = {}
+    if args.workers <= 1:
+        for job in jobs:
+            images.update(_sample_group(*job, torch.get_num_threads()))
+        return images
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # the biggest groups first, so the workers finish close together
+        jobs.sort(key=lambda job: -len(job[4]))
+        for result in [pool.submit(_sample_group, *job, 1) for job in jobs]:
+            images.update(result.result())
     return images
 
 
@@ -206,7 +232,9 @@ def main(argv=None) -> int:
     report = {
         "quick": args.quick, "tuning": args.tune, "pairs": [list(p) for p in pairs], "seeds": seeds,
         "settings": {"steps": args.steps, "omega": args.omega, "scheduler": "euler",
-                     "windows": {k: v for k, v in sampling_defaults().items() if k.endswith("window")}, "lora_steps": args.lora_steps,
+                     "content_window": sampling_defaults()["content_window"],
+                     "style_window": sampling_defaults()["style_window"], "workers": args.workers,
+                     "lora_targets": list(LoraSettings.targets), "lora_batch": LoraSettings.batch_size, "lora_steps": args.lora_steps,
                      "lora_rank": args.lora_rank, "lora_lr": args.lora_lr, "rankft_steps": args.rankft_steps,
                      "r_max": args.r_max, "r_min": args.r_min, "base": str(args.base), "suite": str(args.suite or "")},
         "methods": report_methods,

@@ -128,7 +128,7 @@ def run_train_loras(args: argparse.Namespace) -> int:
     settings = SuiteSettings(
         lora=dataclasses.replace(lora, rank=pick(args.rank, lora.rank), steps=pick(args.steps, lora.steps),
                                  lr=pick(args.lr, lora.lr)),
-        rankft=dataclasses.replace(rankft, steps=pick(args.rankft_steps, rankft.steps)))
+        rankft=dataclasses.replace(rankft, steps=pick(args.rankft_steps, rankft.steps)), workers=args.workers)
     bars = _StageBars()
     try:
         suite = train_suite(Path(args.base), Path(args.out), settings, progress=bars)
@@ -196,6 +196,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=_positive, help="LoRA steps (default: the committed LoRAs')")
     p.add_argument("--lr", type=float, help="LoRA learning rate (default: the committed LoRAs')")
     p.add_argument("--rankft-steps", type=_positive, help="Rank-FT steps (default: the committed backbone's)")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="processes of one torch thread each training jobs at once (progress bars only with 1)")
     p.set_defaults(func=run_train_loras)
 
     p = tw.add_parser("compare", formatter_class=HelpFormatter,

@@ -29,6 +29,8 @@ __all__ = ["ASSETS", "RECIPE", "asset_path", "list_world", "write_toy_demo_asset
 ASSETS = Path(__file__).resolve().parent / "assets"
 _LORA_DIRS = {"craft": "routed LoRA on W_init (CRAFT-LoRA)", "direct": "all-layer LoRA on W0 (direct merge)"}
 RECIPE = "recipe-toy.toml"
+# Sampling the assets were tuned with (tuning seeds only); settings.json may override.
+SAMPLING = {"steps": 20, "omega": 1.5, "scheduler": "euler", "content_window": [0.0, 0.7], "style_window": [0.3, 1.0]}
 TOY_DIR = "toy"  # the assets' folder inside a demo-assets folder
 
 
@@ -44,7 +46,7 @@ def sampling_defaults(root: Path = ASSETS) -> dict:
     """Steps, omega, scheduler (and time-gate windows / mode, if tuned) of the committed assets (``settings.json``)."""
     settings = Path(root) / "settings.json"
     data = json.loads(settings.read_text()) if settings.is_file() else {}
-    return {"steps": 20, "omega": 4.0, "scheduler": "euler", **data.get("sampling", {})}
+    return {**SAMPLING, **data.get("sampling", {})}
 
 
 def list_world() -> dict:
