@@ -203,3 +203,17 @@ def test_train_defaults_are_the_committed_base_settings():
     recorded = json.loads((ASSETS / "base" / "train_log.json").read_text())["config"]
     defaults = {k: str(v) for k, v in asdict(BaseTrainConfig(out=Path("x"))).items() if k != "out"}
     assert defaults == {k: v for k, v in recorded.items() if k != "out"}
+
+
+@needs_assets
+def test_compare_command_writes_both_methods(tmp_path, capsys):
+    """``craft toyworld compare``: CRAFT-LoRA and the direct merge of the committed LoRAs, one labelled sheet."""
+    if not {"star", "checker"} <= set(committed_craft_loras()):
+        pytest.skip("the committed CRAFT LoRAs are missing")
+    out = tmp_path / "cmp.png"
+    assert craft(["toyworld", "compare", "--content", "star", "--style", "checker", "--seed", "7", "--n", "1",
+                  "--out", str(out)]) == 0
+    assert "seeds 7..7" in capsys.readouterr().out
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape[0] == 2 * (128 + 4)  # two rows of 2x-scaled 64 px tiles
+    assert craft(["toyworld", "compare", "--content", "checker", "--style", "star", "--out", str(out)]) == 2
