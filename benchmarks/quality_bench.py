@@ -130,20 +130,23 @@ def _sample_all(args, suite: Suite, methods: list[Method], pairs, seeds) -> dict
     """(method, content, style) -> images; one pipeline per (LoRA set, backbone, routing), spread over
     ``--workers`` spawned one-thread processes (the groups are independent, so the images do not depend on it)."""
     settings = replace(SampleSettings.from_dict(sampling_defaults()), steps=args.steps, omega=args.omega)
-    groups: dict[tuple, list[str]] = {}
-    for m in methods:
-        groups.setdefault((m.loras, m.backbone, m.routed), []).append(m.name)
-    jobs = [(args.base, suite.backbone, suite.root, settings, names, pairs, seeds) for names in groups.values()]
     images = {}
     if args.workers <= 1:
-        for job in jobs:
-            images.update(_sample_group(*job, torch.get_num_threads()))
+        groups: dict[tuple, list[str]] = {}
+        for m in methods:
+            groups.setdefault((m.loras, m.backbone, m.routed), []).append(m.name)
+        for names in groups.values():
+            images.update(_sample_group(args.base, suite.backbone, suite.root, settings, names, pairs, seeds,
+                                        torch.get_num_threads()))
         return images
+    # one job per method (each builds its pipeline), longest first, so the workers finish close together
+    runs = {m.name: len({"pair": pairs, "content": {p[0] for p in pairs}, "style": {p[1] for p in pairs}}[m.uses])
+            for m in methods}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # the biggest groups first, so the workers finish close together
-        jobs.sort(key=lambda job: -len(job[4]))
-        for result in [pool.submit(_sample_group, *job, 1) for job in jobs]:
-            images.update(result.result())
+        futures = [pool.submit(_sample_group, args.base, suite.backbone, suite.root, settings, [name], pairs, seeds, 1)
+                   for name in sorted(runs, key=lambda n: -runs[n])]
+        for future in futures:
+            images.update(future.result())
     return images
 
 
