@@ -33,16 +33,16 @@ $(CHECKOV):
 
 venv: $(STAMP) $(CHECKOV)
 
-$(DEMO)/recipe-sd15.toml: | $(STAMP)
+$(DEMO)/recipe-toy.toml: | $(STAMP)
 	$(CRAFT) demo-assets --out $(DEMO)
 
-# In-process reference pipeline on the tiny SD 1.5 model.
-demo-local: $(STAMP) $(DEMO)/recipe-sd15.toml
-	$(CRAFT) generate --local --recipe $(DEMO)/recipe-sd15.toml \
-	    --prompt "a dog <c> in watercolor style <s>" --content dog --style watercolor \
-	    --seed 7 --out out/demo.png
+# In-process reference pipeline on the trained toy world: a held-out shape in a held-out style.
+demo-local: $(STAMP) $(DEMO)/recipe-toy.toml
+	$(CRAFT) generate --local --recipe $(DEMO)/recipe-toy.toml \
+	    --prompt "a sks object <c> in zzs style <s>" --content star --style checker \
+	    --seed 7 --out out/demo-local.png
 
-# Served path: export the tiny SD 1.5 repository, serve it with Triton, generate over gRPC.
+# Served path: export the toy-world repository, serve it with Triton, generate over gRPC (out/demo.png).
 demo: $(STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 

@@ -15,6 +15,7 @@ full-size text encoder keeps CLIP's 49408-token embedding table.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -87,18 +88,36 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
-def write_clip_tokenizer(out: Path, *, pad_token: str = "<|endoftext|>") -> int:
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE on one word: merge the best-ranked adjacent pair until none is known."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
+_WORDS = ("the", "in", "style", "dog", "cat", "of", "and", "watercolor", "photo", "painting")
+
+
+def write_clip_tokenizer(out: Path, *, pad_token: str = "<|endoftext|>", words: Sequence[str] = _WORDS,
+                         max_length: int = 77) -> int:
     """Write a byte-level CLIP BPE tokenizer (vocab.json, merges.txt); returns its vocab size.
 
     The vocabulary is every byte symbol plus its end-of-word form, with merges for the
-    lowercase letter pairs of a few common words, so prompts tokenize into short words.
+    lowercase letter pairs of ``words``, so each of them tokenizes into one token. Prompts are
+    padded / truncated to ``max_length`` tokens (the text encoder's ``max_position_embeddings``).
     """
     out.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     vocab_tokens = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
-    for word in ("the", "in", "style", "dog", "cat", "of", "and", "watercolor", "photo", "painting"):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    for word in words:
+        # the pieces BPE makes of the word with the merges so far, then chain them into one token
+        # (later merges rank lower, so they never split a word merged earlier)
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], {m: r for r, m in enumerate(merges)})
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])
             merged = pieces[0] + pieces[1]
@@ -112,7 +131,7 @@ def write_clip_tokenizer(out: Path, *, pad_token: str = "<|endoftext|>") -> int:
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "pad_token": pad_token, "errors": "replace", "clean_up_tokenization_spaces": True,
     }

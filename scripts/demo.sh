@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The served demo: demo assets -> craft export -> craft serve (background) -> craft generate over gRPC.
+# The served demo on the trained toy world: demo assets -> craft export -> craft serve (background) ->
+# craft generate over gRPC. Writes out/demo.png: a held-out shape (content LoRA "star") in a held-out
+# style (style LoRA "checker"), which the base model never saw.
 set -euo pipefail
 VENV=${VENV:-.venv}
 CRAFT="$VENV/bin/craft"
 DEMO=${DEMO:-out/demo-assets}
-REPO=${REPO:-out/repo-sd15}
+RECIPE=${RECIPE:-$DEMO/recipe-toy.toml}
+REPO=${REPO:-out/repo-toy}
+PROMPT=${PROMPT:-"a sks object <c> in zzs style <s>"}
+CONTENT=${CONTENT:-star}
+STYLE=${STYLE:-checker}
 PORT=${DEMO_PORT:-18100}   # HTTP; gRPC and metrics on the next two ports
 HTTP=$PORT; GRPC=$((PORT + 1)); METRICS=$((PORT + 2))
 
-[ -f "$DEMO/recipe-sd15.toml" ] || "$CRAFT" demo-assets --out "$DEMO"
-"$CRAFT" export --recipe "$DEMO/recipe-sd15.toml" --out "$REPO"
+[ -f "$RECIPE" ] || "$CRAFT" demo-assets --out "$DEMO"
+"$CRAFT" export --recipe "$RECIPE" --out "$REPO"
 
 "$CRAFT" serve --repo "$REPO" --http-port "$HTTP" --grpc-port "$GRPC" --metrics-port "$METRICS" \
     --log-file out/tritonserver.log &
@@ -22,5 +28,5 @@ for _ in $(seq 1 240); do
     sleep 1
 done
 "$CRAFT" models --url "127.0.0.1:$GRPC"
-"$CRAFT" generate --url "127.0.0.1:$GRPC" --prompt "a dog <c> in watercolor style <s>" \
-    --content dog --style watercolor --seed 7 --stream --out out/demo.png
+"$CRAFT" generate --url "127.0.0.1:$GRPC" --prompt "$PROMPT" \
+    --content "$CONTENT" --style "$STYLE" --seed 7 --stream --out out/demo.png

@@ -23,6 +23,7 @@ STAGES = {
     "serving": "craft_serving",
     "training": "craft_training",
     "reference": "craft_reference",
+    "toyworld": "craft_toyworld",
     "cli": "craft_cli",
     "client": "craft_client",
     "model_repository": "craft_model_repository",
@@ -35,6 +36,8 @@ ALLOWED = {
     "craft_serving": {"craft_serving", "craft_export", "craft_ops", "craft_client"},
     "craft_training": {"craft_training", "craft_export", "craft_ops"},
     "craft_reference": {"craft_reference", "craft_export", "craft_ops"},
+    # the trained toy world sits on top of training and reference; only the CLI (and benchmarks) import it
+    "craft_toyworld": {"craft_toyworld", "craft_training", "craft_reference", "craft_export", "craft_ops"},
     "craft_cli": set(STAGES.values()),
     "craft_model_repository": {"craft_serving"},
 }
