@@ -157,6 +157,7 @@ def _manylinux_platforms(glibc: str, arch: str = "x86_64") -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_image_dependencies_resolve_for_the_base_python(package_index, tmp_path):
     """pip's resolver, as the image's pip would run, for the base's Python and glibc (~90 s, network).
 

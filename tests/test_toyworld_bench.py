@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not (ASSETS / "base" / "unet").is_dir(), reason="committed toy-world assets are missing")
+@pytest.mark.slow
+@pytest.mark.extended
 def test_quality_bench_quick_runs_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_bench.py"), "--quick",
