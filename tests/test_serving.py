@@ -490,7 +490,8 @@ def test_sigterm_finishes_inflight_refuses_new_and_exits_0(served):
 
     def long_request():
         with s.client() as client:
-            for event in client.stream("a dog <c>", **_fields(content="dog", steps=40)):
+            # long enough (seconds on an idle 2-core machine) to be in flight when the refusals are sent
+            for event in client.stream("a dog <c>", **_fields(content="dog", steps=200)):
                 events.append(event)
                 started.set()
 
@@ -498,7 +499,7 @@ def test_sigterm_finishes_inflight_refuses_new_and_exits_0(served):
     worker.start()
     assert started.wait(120)
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    time.sleep(0.3)
     with s.client() as client, pytest.raises(CraftServerError, match="shutting down") as refused:
         client.generate("a dog <c>", **_fields(content="dog"))
     assert "UNAVAILABLE" in str(refused.value.status)
