@@ -137,14 +137,14 @@ class Soak:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def soak(urls: list[str], jobs: list[Job], expected: dict[Job, np.ndarray], *, clients: int, duration: float,
-         server_pid: int | None, seed: int = 0) -> Soak:
+def soak(urls: dict[str, list[str]], jobs: list[Job], expected: dict[Job, np.ndarray], *, clients: int,
+         duration: float, server_pid: int | None, seed: int = 0) -> Soak:
     state, stop = Soak(), threading.Event()
     t0 = time.monotonic()
 
     def worker(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
-        conns = {p: CraftClient(urls, p, timeout=300) for p in ("grpc", "http")}
+        conns = {p: CraftClient(u, p, timeout=300) for p, u in urls.items()}
         try:
             while not stop.is_set():
                 job = jobs[rng.randrange(len(jobs))]
@@ -199,7 +199,7 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(work: Path) -> tuple[subprocess.Popen, str, str]:
     from craft_export.exporter import ExportOptions, export_repository
     from craft_reference.demo import recipe_text, write_demo_assets
     from craft_serving.triton_server import reserve_ports
@@ -219,21 +219,26 @@ def start_server(work: Path) -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"craft serve did not come up: {(work / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    return proc, url
+    return proc, url, f"127.0.0.1:{http}"
 
 
 def run(urls: list[str], *, clients: int, duration: float, server_pid: int | None, seed: int = 0,
-        menu_size: int = 48) -> dict:
-    """Baselines, then the soak; returns the report (``ok`` says whether every check held)."""
+        menu_size: int = 48, http_urls: list[str] | None = None) -> dict:
+    """Baselines, then the soak; returns the report (``ok`` says whether every check held).
+
+    ``urls``: gRPC endpoints; ``http_urls``: the same servers' HTTP endpoints (without them the
+    menu has no HTTP requests).
+    """
+    endpoints = {"grpc": urls, **({"http": http_urls} if http_urls else {})}
     with CraftClient(urls, timeout=300) as client:
-        jobs = menu(client.catalog(), seed, menu_size)
+        jobs = [j for j in menu(client.catalog(), seed, menu_size) if j.protocol in endpoints]
     expected = {}
-    base = {p: CraftClient(urls, p, timeout=300) for p in ("grpc", "http")}
+    base = {p: CraftClient(u, p, timeout=300) for p, u in endpoints.items()}
     for job in jobs:  # each alone: the images every later answer must equal
         expected[job] = run_job(base[job.protocol], job)
     for c in base.values():
         c.close()
-    state = soak(urls, jobs, expected, clients=clients, duration=duration, server_pid=server_pid, seed=seed)
+    state = soak(endpoints, jobs, expected, clients=clients, duration=duration, server_pid=server_pid, seed=seed)
     growth = memory_growth(state.samples, duration)
     return {
         "clients": clients, "duration_s": duration, "menu": len(jobs), "requests": state.done,
@@ -263,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load after the baselines")
-    p.add_argument("--url", help="running server(s), HOST:PORT[,HOST:PORT...] (default: start one)")
+    p.add_argument("--url", help="running server(s), gRPC HOST:PORT[,HOST:PORT...] (default: start one)")
+    p.add_argument("--http-url", help="with --url: the same servers' HTTP HOST:PORT[,...] (default: no HTTP requests)")
     p.add_argument("--server-pid", type=int, help="with --url: the craft serve process to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--menu", type=int, default=48, help="distinct requests drawn from the mix")
@@ -275,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         proc = None
         if args.url:
             urls, pid = args.url.split(","), args.server_pid
+            http_urls = args.http_url.split(",") if args.http_url else None
         else:
-            proc, url = start_server(Path(tmp))
-            urls, pid = [url], proc.pid
+            proc, url, http_url = start_server(Path(tmp))
+            urls, http_urls, pid = [url], [http_url], proc.pid
         try:
             t0 = time.time()
             report = run(urls, clients=args.clients, duration=args.duration, server_pid=pid, seed=args.seed,
-                         menu_size=args.menu)
+                         menu_size=args.menu, http_urls=http_urls)
         finally:
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -114,7 +114,7 @@ def test_short_soak_over_replicas(replicas):
     """benchmarks/soak.py, short: mixed traffic over the three replicas, every image as when run alone."""
     _, _, reps = replicas
     report = _soak_module().run([r.url for r in reps], clients=4, duration=20, server_pid=reps[0].proc.pid,
-                                menu_size=8)
+                                menu_size=8, http_urls=[f"127.0.0.1:{r.http}" for r in reps])
     assert report["failures"] == [] and report["mismatches"] == []
     assert report["requests"] >= 4 and report["ok"]
     assert any(name.startswith("tritonserver") for name in report["memory"])

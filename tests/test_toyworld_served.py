@@ -31,7 +31,7 @@ def served_toy(tmp_path_factory):
     export_repository(ExportOptions(recipe=recipe, out=repo, runner="python", pairs=pairs))
     proc, http, grpc = _serve(repo, root / "toy.log")
     try:
-        yield Served(repo, recipe, proc, http, grpc)
+        yield Served(repo, recipe, proc, http, grpc, root / "toy.log")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
