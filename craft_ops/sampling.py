@@ -9,6 +9,7 @@ under ACFG the unconditional branch is always W_init (Eq. 10).
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -102,6 +103,18 @@ SCHEDULERS: Mapping[str, tuple[str, dict, dict]] = {
 }
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _scheduler_class(cls_name: str):
+    """``diffusers.<cls_name>``, one thread at a time: diffusers' lazy module is not thread-safe on a
+    class's first access (concurrent first requests got ``AttributeError`` in the soak run)."""
+    with _IMPORT_LOCK:
+        import diffusers
+
+        return getattr(diffusers, cls_name)
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
     """A fresh diffusers scheduler of the given name, from a pipeline's scheduler config.
 
@@ -109,12 +122,10 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]):
     pipeline's ``scheduler.config``; a zero-terminal-SNR config is refused for a scheduler class
     that cannot honour it.
     """
-    import diffusers
-
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
     cls_name, overrides, defaults = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
+    cls = _scheduler_class(cls_name)
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(
             cls.__init__).parameters:
         raise ValueError(f"scheduler {name!r} ({cls_name}) cannot honour the checkpoint's rescale_betas_zero_snr = "
