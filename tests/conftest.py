@@ -46,3 +46,14 @@ def ref_pipes(demo_dir):
 
     return {arch: ReferencePipeline.from_recipe(load_recipe(demo_dir / f"recipe-{arch}.toml"))
             for arch in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two OpenMP threads on a shared 2-core machine stall on every barrier; one is steady."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

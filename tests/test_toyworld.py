@@ -33,12 +33,7 @@ HAVE_ASSETS = (ASSETS / "base" / "unet").is_dir() and (ASSETS / "judges.safetens
 needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="committed toy-world assets are missing")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 # -- the world ------------------------------------------------------------------------------------

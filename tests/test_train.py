@@ -28,13 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine stall on every barrier; one is steady."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest
 
 
 def _write_images(folder: Path, n: int, *, striped: bool, seed: int) -> Path:
