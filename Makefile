@@ -39,7 +39,7 @@ $(DEMO)/recipe-toy.toml: | $(STAMP)
 # In-process reference pipeline on the trained toy world: a held-out shape in a held-out style.
 demo-local: $(STAMP) $(DEMO)/recipe-toy.toml
 	$(CRAFT) generate --local --recipe $(DEMO)/recipe-toy.toml \
-	    --prompt "a sks object <c> in zzs style <s>" --content star --style checker \
+	    --prompt "a sks object <c> in zzs style <s>" --content heart --style gradient \
 	    --seed 7 --out out/demo-local.png
 
 # Served path: export the toy-world repository, serve it with Triton, generate over gRPC (out/demo.png).

@@ -44,7 +44,7 @@ from craft_toyworld.suite import Suite, SuiteSettings, train_suite  # noqa: E402
 
 log = logging.getLogger("quality_bench")
 
-QUICK = dict(seeds=2, steps=4, lora_steps=3, rankft_steps=2, pairs=1, workers=1)  # workers: no spawn imports
+QUICK = dict(seeds=2, steps=4, lora_steps=3, lora_style_steps=3, rankft_steps=2, pairs=1, workers=1)  # workers: no spawn imports
 TUNING_SEED_START = 0
 
 
@@ -62,7 +62,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true", help="use the tuning seeds (0..) and mark the report as tuning")
     p.add_argument("--steps", type=int, default=d["steps"])
     p.add_argument("--omega", type=float, default=d["omega"])
-    p.add_argument("--lora-steps", type=int, default=LoraSettings.steps)
+    p.add_argument("--lora-steps", type=int, default=LoraSettings.steps, help="steps of the content LoRAs")
+    p.add_argument("--lora-style-steps", type=int, default=LoraSettings.style_steps, help="steps of the style LoRAs")
     p.add_argument("--lora-rank", type=int, default=LoraSettings.rank)
     p.add_argument("--lora-lr", type=float, default=LoraSettings.lr)
     p.add_argument("--rankft-steps", type=int, default=RankFTSettings.steps)
@@ -96,7 +97,7 @@ def _suite(args, pairs, methods, work: Path) -> tuple[Suite, float]:
     names = tuple(dict.fromkeys(n for pair in pairs for n in pair))
     settings = SuiteSettings(
         sets=tuple(s for s in LORA_SETS if any(m.loras == s for m in methods)),
-        lora=LoraSettings(rank=args.lora_rank, steps=args.lora_steps, lr=args.lora_lr),
+        lora=LoraSettings(rank=args.lora_rank, steps=args.lora_steps, lr=args.lora_lr, style_steps=args.lora_style_steps),
         rankft=RankFTSettings(r_max=args.r_max, r_min=args.r_min, steps=args.rankft_steps, evaluate=not args.quick),
         concepts=names, images_per_concept=4 if args.quick else 12, refs_per_concept=2 if args.quick else 5,
         workers=args.workers,
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         "settings": {"steps": args.steps, "omega": args.omega, "scheduler": "euler",
                      "content_window": sampling_defaults()["content_window"],
                      "style_window": sampling_defaults()["style_window"], "workers": args.workers,
-                     "lora_targets": list(LoraSettings.targets), "lora_batch": LoraSettings.batch_size, "lora_steps": args.lora_steps,
+                     "lora_targets": list(LoraSettings.targets), "lora_batch": LoraSettings.batch_size, "lora_steps": args.lora_steps, "lora_style_steps": args.lora_style_steps,
                      "lora_rank": args.lora_rank, "lora_lr": args.lora_lr, "rankft_steps": args.rankft_steps,
                      "r_max": args.r_max, "r_min": args.r_min, "base": str(args.base), "suite": str(args.suite or "")},
         "methods": report_methods,

@@ -127,7 +127,7 @@ def run_train_loras(args: argparse.Namespace) -> int:
         raise CliError(f"--lr: must be positive, got {args.lr}")
     settings = SuiteSettings(
         lora=dataclasses.replace(lora, rank=pick(args.rank, lora.rank), steps=pick(args.steps, lora.steps),
-                                 lr=pick(args.lr, lora.lr)),
+                                 lr=pick(args.lr, lora.lr), style_steps=pick(args.style_steps, lora.style_steps)),
         rankft=dataclasses.replace(rankft, steps=pick(args.rankft_steps, rankft.steps)), workers=args.workers)
     bars = _StageBars()
     try:
@@ -193,7 +193,8 @@ def register(sub) -> None:
     p.add_argument("--base", required=True, help="trained base folder")
     p.add_argument("--out", required=True, help="suite folder: images/, refs/, backbone/, loras/<set>/")
     p.add_argument("--rank", type=_positive, help="LoRA rank (default: the committed LoRAs')")
-    p.add_argument("--steps", type=_positive, help="LoRA steps (default: the committed LoRAs')")
+    p.add_argument("--steps", type=_positive, help="content LoRA steps (default: the committed LoRAs')")
+    p.add_argument("--style-steps", type=_positive, help="style LoRA steps (default: the committed LoRAs')")
     p.add_argument("--lr", type=float, help="LoRA learning rate (default: the committed LoRAs')")
     p.add_argument("--rankft-steps", type=_positive, help="Rank-FT steps (default: the committed backbone's)")
     p.add_argument("--workers", type=_positive, default=1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from craft_training.config import MIXED_PRECISIONS, BackboneConfig, LoraTrainConfig
+from craft_training.config import MIXED_PRECISIONS, RANKFT_OBJECTIVES, BackboneConfig, LoraTrainConfig
 
 from .common import HelpFormatter, LazyChoices, dataclass_default
 
@@ -42,7 +42,7 @@ def run_backbone(args: argparse.Namespace) -> int:
         base=args.base, content_images=args.content_images, style_images=args.style_images, out=args.out,
         r_max=args.r_max, r_min=args.r_min, steps=args.steps, lr=args.lr, resolution=args.resolution,
         sigma=args.sigma, batch_size=args.batch_size, mixed_precision=args.mixed_precision, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, objective=args.objective,
     )
     bar = _Bar("rank-ft")
     try:
@@ -98,6 +98,9 @@ def register(sub) -> None:
     p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=b("mixed_precision"),
                    help="UNet compute dtype; fp16 / bf16 need a CUDA GPU")
     p.add_argument("--seed", type=int, default=b("seed"), help="seed of the bases, data order and noise")
+    p.add_argument("--objective", choices=RANKFT_OBJECTIVES, default=b("objective"),
+                   help="denoise: denoising loss of the reference bands through the projected weights; "
+                        "preserve: change of the prediction against W0 on them (keeps W_init close to the base)")
     p.add_argument("--checkpoint-every", type=int, default=b("checkpoint_every"),
                    help="steps between checkpoints (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The served demo on the trained toy world: demo assets -> craft export -> craft serve (background) ->
-# craft generate over gRPC. Writes out/demo.png: a held-out shape (content LoRA "star") in a held-out
-# style (style LoRA "checker"), which the base model never saw.
+# craft generate over gRPC. Writes out/demo.png: a held-out shape (content LoRA "heart") in a held-out
+# style (style LoRA "gradient"), which the base model never saw.
 set -euo pipefail
 VENV=${VENV:-.venv}
 CRAFT="$VENV/bin/craft"
@@ -9,8 +9,8 @@ DEMO=${DEMO:-out/demo-assets}
 RECIPE=${RECIPE:-$DEMO/recipe-toy.toml}
 REPO=${REPO:-out/repo-toy}
 PROMPT=${PROMPT:-"a sks object <c> in zzs style <s>"}
-CONTENT=${CONTENT:-star}
-STYLE=${STYLE:-checker}
+CONTENT=${CONTENT:-heart}
+STYLE=${STYLE:-gradient}
 PORT=${DEMO_PORT:-18100}   # HTTP; gRPC and metrics on the next two ports
 HTTP=$PORT; GRPC=$((PORT + 1)); METRICS=$((PORT + 2))
 

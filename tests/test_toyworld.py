@@ -13,7 +13,7 @@ from PIL import Image
 from craft_cli.app import main as craft
 from craft_ops.request import GenerateRequest
 from craft_toyworld.catalog import ASSETS, committed_craft_loras, list_world, write_toy_demo_assets
-from craft_toyworld.concepts import CONCEPTS, layer_routing
+from craft_toyworld.concepts import CONCEPTS, TOY_ROUTING, layer_routing
 from craft_toyworld.judges import Judges, accuracy
 from craft_toyworld.world import (
     BASE_SHAPES,
@@ -100,7 +100,18 @@ def test_all_layer_routing_covers_every_block_of_its_kind():
     r = resolve_routing(layer_routing("content", "all"))
     assert r.select("content", ["down_blocks.0.x", "mid_block.y", "up_blocks.2.z"]) == [
         "down_blocks.0.x", "mid_block.y", "up_blocks.2.z"]
-    assert resolve_routing(layer_routing("style", "routed")).name == "sd15"
+    toy = resolve_routing(layer_routing("style", "routed"))
+    assert toy.name == "toy"
+    assert toy.layer_set("up_blocks.1.attentions.0.proj_in") == "content"
+    assert toy.layer_set("up_blocks.2.resnets.0.conv1") == "style"
+
+
+def test_demo_recipe_names_the_toy_routing(tmp_path):
+    from craft_export.recipe import load_recipe
+
+    recipe = load_recipe(write_toy_demo_assets(tmp_path))
+    assert recipe.routing.content == tuple(TOY_ROUTING["content"])
+    assert recipe.routing.style == tuple(TOY_ROUTING["style"])
 
 
 def test_cli_render_writes_pngs_and_list_names_the_loras(tmp_path, capsys):

@@ -27,7 +27,7 @@ def served_toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("served-toy")
     recipe = write_toy_demo_assets(root / "assets")
     repo = root / "repo-toy"
-    pairs = "star+checker" if {"star", "checker"} <= set(committed_craft_loras()) else "all"  # the demo's pair only
+    pairs = "heart+gradient" if {"heart", "gradient"} <= set(committed_craft_loras()) else "all"  # the demo's pair only
     export_repository(ExportOptions(recipe=recipe, out=repo, runner="python", pairs=pairs))
     proc, http, grpc = _serve(repo, root / "toy.log")
     try:
@@ -45,8 +45,8 @@ def test_toy_world_served_matches_local(served_toy):
     from craft_reference.pipeline import ReferencePipeline
     from craft_toyworld.catalog import committed_craft_loras
 
-    if {"star", "checker"} <= set(committed_craft_loras()):  # the demo request
-        kw = dict(prompt="a sks object <c> in zzs style <s>", content="star", style="checker")
+    if {"heart", "gradient"} <= set(committed_craft_loras()):  # the demo request
+        kw = dict(prompt="a sks object <c> in zzs style <s>", content="heart", style="gradient")
     else:  # a checkout without the LoRAs: the base alone
         kw = dict(prompt="a red circle with stripes")
     prompt = kw.pop("prompt")

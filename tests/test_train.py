@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from craft_export.loading import load_lora, load_pipeline_parts, load_unet, unet_module_shapes
+from craft_export.loading import load_lora, load_pipeline_parts, load_unet, unet_module_shapes, unet_weights
 from craft_export.recipe import load_recipe
 from craft_export.recipe_models import LoadedLora
 from craft_ops.rankft import merged_basis, rank_schedule
@@ -67,6 +67,22 @@ def backbone(demo_dir, images, tmp_path_factory):
 
 
 # -- Rank-FT pieces -------------------------------------------------------------------------------
+
+
+def test_preserve_objective_moves_w_init_less_than_denoise(demo_dir, images, tmp_path):
+    """``preserve`` learns bases whose removal changes the prediction least; start and end are its own loss."""
+    base = demo_dir / "sd15-tiny"
+    runs = {obj: train_backbone(_config(base, images, tmp_path / obj, objective=obj, steps=6, checkpoint_every=0))
+            for obj in ("denoise", "preserve")}
+    log = json.loads((tmp_path / "preserve" / "train_log.json").read_text())
+    assert log["eval"]["base_W0"]["total"] == 0.0  # W0 against itself
+    assert 0.0 < runs["preserve"].eval_end < runs["preserve"].eval_start
+
+    def change(obj: str) -> float:  # how far W_init moved from W0, summed over the projected layers
+        w0, w_init = unet_weights(load_unet(base)), unet_weights(load_unet(tmp_path / obj))
+        return sum(float((w_init[k] - w0[k]).norm()) for k in w0)
+
+    assert change("preserve") < change("denoise")
 
 
 def test_frequency_split_is_a_gaussian_low_pass_and_its_residual():
@@ -228,6 +244,7 @@ def test_sdxl_backbone_and_lora(demo_dir, images, tmp_path):
     ({"r_min": 8, "r_max": 4}, r"--r-min \(8\) must not exceed --r-max \(4\)"),
     ({"resolution": 60}, "--resolution must be a multiple of 8"),
     ({"sigma": 0.0}, "--sigma must be positive"),
+    ({"objective": "sharpen"}, r"--objective must be one of \['denoise', 'preserve'\], got 'sharpen'"),
 ])
 def test_bad_backbone_settings_are_refused(change, match, tmp_path):
     with pytest.raises(TrainError, match=match):

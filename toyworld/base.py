@@ -17,7 +17,7 @@ Architecture (chosen for a 64 px world and a <= 60 min budget on 2 CPU cores):
 
 :func:`save_base` writes ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/`` in fp16 (the weights are committed), which every loader of
-the project reads like a real SD 1.5 checkpoint (``routing = "sd15"``).
+the project reads like a real SD 1.5 checkpoint (its demo recipe names the toy UNet's routing, ``craft_toyworld.concepts.TOY_ROUTING``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .concepts import CONCEPTS, pair_prompt
+from .concepts import CONCEPTS, TOY_ROUTING, pair_prompt
 from .world import BASE_SHAPES, BASE_STYLES, COLORS, HELD_OUT_SHAPES, HELD_OUT_STYLES, SHAPES, STYLES, WorldError
 
 __all__ = ["ASSETS", "RECIPE", "asset_path", "list_world", "write_toy_demo_assets", "recipe_text", "sampling_defaults",
@@ -30,7 +30,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 _LORA_DIRS = {"craft": "routed LoRA on W_init (CRAFT-LoRA)", "direct": "all-layer LoRA on W0 (direct merge)"}
 RECIPE = "recipe-toy.toml"
 # Sampling the assets were tuned with (tuning seeds only); settings.json may override.
-SAMPLING = {"steps": 20, "omega": 1.5, "scheduler": "euler", "content_window": [0.0, 0.7], "style_window": [0.3, 1.0]}
+SAMPLING = {"steps": 20, "omega": 1.5, "scheduler": "euler", "content_window": [0.0, 1.0], "style_window": [0.5, 1.0]}
 TOY_DIR = "toy"  # the assets' folder inside a demo-assets folder
 
 
@@ -78,7 +78,8 @@ def recipe_text(prefix: str = "", *, backbone: bool = True, loras: list[str] | N
     lines = ["# Toy-world demo recipe (craft demo-assets): trained base, Rank-FT backbone (W_init),",
              "# routed content LoRAs (held-out shapes, token sks) and style LoRAs (held-out styles, token zzs).",
              "[base]", f'path = "{prefix}base"', *([f'backbone = "{prefix}backbone"'] if backbone else []),
-             'routing = "sd15"', ""]
+             "", "[base.routing]", f"content = {json.dumps(TOY_ROUTING['content'])}",
+             f"style = {json.dumps(TOY_ROUTING['style'])}", ""]
     for c in CONCEPTS:
         if loras is None or c.name in loras:
             lines += ["[[lora]]", f'name = "{c.name}"', f'kind = "{c.kind}"',

@@ -19,9 +19,15 @@ layers        base         used by
 ``all``       W_init       "no routing"
 ============  ===========  ========================================================
 
-``routed`` = the LoRA target modules (:data:`LORA_TARGETS`) inside the kind's layer set of the
-``sd15`` preset (content: down blocks + mid block, style: up blocks; Eq. 7); ``all`` = the same
-modules in every block. The targets are the attention projections *and* the transformer
+``routed`` = the LoRA target modules (:data:`LORA_TARGETS`) inside the kind's layer set of
+:data:`TOY_ROUTING` (Eq. 7); ``all`` = the same modules in every block. The toy UNet's decoder
+has three blocks: ``up_blocks.0`` (4x4 latents), ``up_blocks.1`` (8x8) and ``up_blocks.2``
+(16x16). Content gets the encoder, the bottleneck and the two low-resolution decoder blocks,
+style the full-resolution decoder block only. With the ``sd15`` preset (content: encoder +
+bottleneck, style: the whole decoder) the style LoRA's decoder redraws the outline and the
+routed content LoRA alone barely draws the held-out shape (tuning seeds: CRAFT content 0.03-0.08);
+with content through ``up_blocks.1`` it does (0.34-0.89, see the tuning log in
+``benchmarks/results``). The SDXL preset likewise gives content the first decoder attention. The targets are the attention projections *and* the transformer
 feed-forward / ``proj_in`` / ``proj_out`` and the ResNet convolutions: on this small UNet,
 attention-only LoRAs (rank 8, 400 steps) did not teach a new shape (tuning seeds 0-15: 4/16
 stars all-layer, 0/16 routed), with the convolutions they did (16/16 and 11/16; helper tw-lora's
@@ -44,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Concept", "CONCEPTS", "CONTENT_PROMPT", "STYLE_PROMPT", "pair_prompt", "concept", "write_concept_images",
            "LoraSettings", "RankFTSettings", "train_concept_lora", "train_rankft", "layer_routing", "LAYERS", "LORA_SETS",
-           "write_references", "LORA_TARGETS"]
+           "write_references", "LORA_TARGETS", "TOY_ROUTING"]
 
 CONTENT_PROMPT = "a sks object <c>"
 STYLE_PROMPT = "an object in zzs style <s>"
@@ -53,6 +59,9 @@ LAYERS = ("routed", "all")
 LORA_SETS = {"routed_winit": ("routed", True), "all_w0": ("all", False), "routed_w0": ("routed", False),
              "all_winit": ("all", True)}
 _BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+# Eq. 7 layer sets of the toy UNet (three down / three up blocks); see the module docstring.
+TOY_ROUTING = {"name": "toy", "content": ["down_blocks", "mid_block", "up_blocks.0", "up_blocks.1"],
+               "style": ["up_blocks.2"]}
 # Modules a concept LoRA adapts (name suffixes): attention, transformer MLP and projections, ResNet convs.
 LORA_TARGETS = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
@@ -110,9 +119,9 @@ def write_concept_images(c: Concept, out: Path, n: int = 12, seed: int = 0) -> P
 
 
 def layer_routing(kind: str, layers: str) -> str | dict:
-    """The ``train_lora`` routing: the ``sd15`` preset (``routed``) or every block for ``kind`` (``all``)."""
+    """The ``train_lora`` routing: :data:`TOY_ROUTING` (``routed``) or every block for ``kind`` (``all``)."""
     if layers == "routed":
-        return "sd15"
+        return dict(TOY_ROUTING)
     if layers != "all":
         raise WorldError(f"layers: must be one of {LAYERS}, got {layers!r}")
     # Routing sets must be disjoint and non-empty: the other kind gets conv_in, which holds no attention.
@@ -129,6 +138,10 @@ class LoraSettings:
     batch_size: int = 4
     seed: int = 0
     targets: tuple[str, ...] = LORA_TARGETS  # module-name suffixes the LoRA adapts
+    style_steps: int | None = 600  # steps of the style LoRAs (None: ``steps``); texture is learnt slower
+
+    def steps_for(self, kind: str) -> int:
+        return self.style_steps if kind == "style" and self.style_steps is not None else self.steps
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,7 @@ def train_concept_lora(base: Path, c: Concept, images: Path, out: Path, *, layer
 
     config = LoraTrainConfig(
         base=base, backbone=backbone, images=images, kind=c.kind, prompt=c.prompt, out=out, rank=settings.rank,
-        steps=settings.steps, lr=settings.lr, resolution=64, routing=layer_routing(c.kind, layers),
+        steps=settings.steps_for(c.kind), lr=settings.lr, resolution=64, routing=layer_routing(c.kind, layers),
         seed=settings.seed, batch_size=settings.batch_size,
         targets=tuple(settings.targets),
     )

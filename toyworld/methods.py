@@ -42,7 +42,7 @@ from craft_ops.routing import resolve_routing
 from craft_export.recipe_models import LoadedLora
 from craft_reference.pipeline import ReferencePipeline
 
-from .concepts import CONTENT_PROMPT, STYLE_PROMPT, pair_prompt
+from .concepts import CONTENT_PROMPT, STYLE_PROMPT, TOY_ROUTING, pair_prompt
 
 __all__ = ["Method", "METHODS", "method", "UnroutedPipeline", "build_pipeline", "sample_images", "SampleSettings"]
 
@@ -140,7 +140,7 @@ def build_pipeline(base: Path, backbone: Path | None, loras: Mapping[str, tuple[
     defaults = Defaults(steps=settings.steps, guidance=settings.omega, scheduler=settings.scheduler, height=64, width=64,
                         content_window=settings.content_window, style_window=settings.style_window)
     cls = ReferencePipeline if routed else UnroutedPipeline
-    return cls(parts, resolve_routing("sd15"), loaded, defaults, Limits(max_prompts=max_batch))
+    return cls(parts, resolve_routing(TOY_ROUTING), loaded, defaults, Limits(max_prompts=max_batch))
 
 
 def sample_images(pipe, m: Method, content: str | None, style: str | None, seeds: Sequence[int],

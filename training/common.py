@@ -36,6 +36,7 @@ __all__ = [
     "encode_latents",
     "encode_prompt",
     "batch_cond",
+    "prediction",
     "denoising_loss",
     "epoch_order",
     "Progress",
@@ -181,6 +182,22 @@ def batch_cond(cond: Mapping[str, torch.Tensor], batch: int, dtype: torch.dtype)
     return {name: value.expand(batch, *value.shape[1:]).to(dtype) for name, value in cond.items()}
 
 
+def prediction(
+    net: nn.Module,
+    params: Mapping[str, torch.Tensor] | None,
+    x0: torch.Tensor,  # (B, 4, h, w) fp32 latents
+    eps: torch.Tensor,  # (B, 4, h, w) fp32 noise
+    t: torch.Tensor,  # (B,) int64 timesteps
+    cond: Mapping[str, torch.Tensor],
+    schedule: NoiseSchedule,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``net(x_t, t, c)`` for ``x_t`` = ``x0`` noised with ``eps`` at ``t``, ``params`` overriding weights."""
+    kwargs = {"sample": schedule.add_noise(x0, eps, t).to(dtype), "timestep": t.float(),
+              **batch_cond(cond, x0.shape[0], dtype)}
+    return functional_call(net, dict(params), kwargs=kwargs) if params else net(**kwargs)
+
+
 def denoising_loss(
     net: nn.Module,
     params: Mapping[str, torch.Tensor] | None,
@@ -192,9 +209,7 @@ def denoising_loss(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """``|| target - net(x_t, t, c) ||^2`` (mean), with ``params`` overriding weights via ``functional_call``."""
-    kwargs = {"sample": schedule.add_noise(x0, eps, t).to(dtype), "timestep": t.float(),
-              **batch_cond(cond, x0.shape[0], dtype)}
-    pred = functional_call(net, dict(params), kwargs=kwargs) if params else net(**kwargs)
+    pred = prediction(net, params, x0, eps, t, cond, schedule, dtype)
     return F.mse_loss(pred.float(), schedule.target(x0, eps, t).float())
 
 

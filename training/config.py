@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["ATTENTION_SUFFIXES", "MIXED_PRECISIONS", "TrainError", "check_positive", "check_resolution",
-           "BackboneConfig", "LoraTrainConfig"]
+           "BackboneConfig", "LoraTrainConfig", "RANKFT_OBJECTIVES"]
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")  # UNet compute dtype: fp32, or fp16 / bf16 on a CUDA GPU
 
@@ -41,6 +41,9 @@ def check_resolution(resolution: int, flag: str = "--resolution") -> None:
         raise TrainError(f"{flag} must be a multiple of 8, got {resolution}")
 
 
+RANKFT_OBJECTIVES = ("denoise", "preserve")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Settings of one Rank-FT run (``craft train-backbone``), validated once."""
@@ -65,8 +68,11 @@ class BackboneConfig:
     eval_timesteps: int = 4
     evaluate: bool = True
     targets: tuple[str, ...] = ATTENTION_SUFFIXES
+    objective: str = "denoise"  # see craft_training.backbone: "denoise" | "preserve"
 
     def __post_init__(self) -> None:
+        if self.objective not in RANKFT_OBJECTIVES:
+            raise TrainError(f"--objective must be one of {list(RANKFT_OBJECTIVES)}, got {self.objective!r}")
         for name in ("base", "content_images", "style_images", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         check_positive(self.r_max, "--r-max")
