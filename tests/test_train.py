@@ -72,7 +72,7 @@ def backbone(demo_dir, images, tmp_path_factory):
 def test_preserve_objective_moves_w_init_less_than_denoise(demo_dir, images, tmp_path):
     """``preserve`` learns bases whose removal changes the prediction least; start and end are its own loss."""
     base = demo_dir / "sd15-tiny"
-    runs = {obj: train_backbone(_config(base, images, tmp_path / obj, objective=obj, steps=6, checkpoint_every=0))
+    runs = {obj: train_backbone(_config(base, images, tmp_path / obj, objective=obj, steps=6, lr=0.01, checkpoint_every=0))
             for obj in ("denoise", "preserve")}
     log = json.loads((tmp_path / "preserve" / "train_log.json").read_text())
     assert log["eval"]["base_W0"]["total"] == 0.0  # W0 against itself
