@@ -51,6 +51,12 @@ __all__ = ["SYNC_FILE", "SyncError", "SyncReport", "needed_folders", "sync_once"
 SYNC_FILE = "craft-sync"
 
 
+def _copied(relative: str) -> bool:
+    """Objects that belong to the repository: not ``craft-sync`` records, not the bytecode a Python
+    backend writes beside ``model.py`` when it loads it (a served repository's, uploaded or mounted)."""
+    return relative != SYNC_FILE and "__pycache__" not in relative.split("/")
+
+
 class SyncError(RuntimeError):
     """A round that could not complete; the local repository is unchanged."""
 
@@ -75,13 +81,13 @@ def needed_folders(view: RepoView) -> list[str]:
 
 def _tags(listing: Mapping[str, Entry]) -> str:
     """One line per object (the folder's own ``craft-sync`` left out): what the local copy records."""
-    return "".join(f"{k}\t{v.tag}\n" for k, v in sorted(listing.items()) if k != SYNC_FILE)
+    return "".join(f"{k}\t{v.tag}\n" for k, v in sorted(listing.items()) if _copied(k))
 
 
 def _newer(name: str, listing: Mapping[str, Entry], manifest_time: float) -> list[str]:
     """Objects written after the manifest: an upload of a later export is under way (it writes the
     manifest last, so a complete repository has none)."""
-    return [f"{name}/{k}" for k, v in sorted(listing.items()) if k != SYNC_FILE and v.modified > manifest_time]
+    return [f"{name}/{k}" for k, v in sorted(listing.items()) if _copied(k) and v.modified > manifest_time]
 
 
 def _local_tags(folder: Path) -> str | None:
@@ -100,7 +106,7 @@ def _model_keys(data: bytes) -> dict[str, str]:
 def _download(store: Store, name: str, listing: Mapping[str, Entry], dest: Path,
               progress: Callable[[str], None]) -> None:
     for relative in sorted(listing):
-        if relative == SYNC_FILE:
+        if not _copied(relative):
             continue
         target = dest.joinpath(*PurePosixPath(safe_key(relative)).parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +175,7 @@ def _copy(store: Store, repo: Path, view: RepoView, remote: bytes, report: SyncR
         listings = {}
         for name in folders:
             listing = store.listing(name)
-            if not any(k != SYNC_FILE for k in listing):
+            if not any(_copied(k) for k in listing):
                 raise SyncError(f"{store}: {name}/ is named by {MANIFEST} but holds no objects "
                                 f"(a half-uploaded repository?)")
             newer = _newer(name, listing, manifest_time)

@@ -331,3 +331,17 @@ def test_s3_store_against_an_in_process_s3(bucket_and_repo, monkeypatch):
         assert not sync_once(store, repo).changed
     with pytest.raises(StoreError, match="expected s3://BUCKET/PREFIX"):
         S3Store("s3:///nothing")
+
+
+def test_python_bytecode_of_a_served_repository_is_not_copied(bucket_and_repo):
+    """A repository that a server has loaded holds __pycache__ beside each model.py, written after the
+    manifest: neither an upload in progress nor part of the copy."""
+    bucket, repo = bucket_and_repo
+    _export(bucket, 1, ["dog"])
+    pyc = bucket / "craft_pipeline" / "1" / "__pycache__" / "model.cpython-311.pyc"
+    _put(pyc, b"bytecode")
+    _newest(pyc, bucket / MANIFEST)
+    sync_once(FolderStore(bucket), repo)
+    assert not list(repo.rglob("__pycache__"))
+    pyc.unlink()
+    assert _same_tree(bucket, repo)
