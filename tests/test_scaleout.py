@@ -90,7 +90,7 @@ def replicas(demo_dir, tmp_path_factory):
     export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
     started = [Replica(repo, root / f"replica-{i}.log") for i in range(REPLICAS)]
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # three servers loading at once on a busy 2-core machine
         for r in started:
             r.wait_ready(deadline)
         yield recipe, repo, started
