@@ -37,11 +37,12 @@ COPY client ./client
 COPY model_repository ./model_repository
 
 # torch built for the container's CUDA 12.8 and Python 3.12 (cu128), then the package with its
-# GPU extra. TensorRT's libraries are published on NVIDIA's index (PyPI holds download stubs).
-# DL3013: ".[gpu]" is this repository itself; its dependencies are pinned in pyproject.toml.
+# GPU extra (and s3: boto3 for `craft sync`, the cloud overlay's repository copy). TensorRT's
+# libraries are published on NVIDIA's index (PyPI holds download stubs).
+# DL3013: ".[gpu,s3]" is this repository itself; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN python3 -m pip install --no-cache-dir "torch==2.8.0" --index-url https://download.pytorch.org/whl/cu128 \
-    && python3 -m pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com ".[gpu]"
+    && python3 -m pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com ".[gpu,s3]"
 
 # Any non-root UID works (the deploy/ manifests run as 10001); files above are world-readable.
 USER 10001:10001

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import assets, export, generate, remote, serve, toyworld, train
+from . import assets, export, generate, remote, serve, sync, toyworld, train
 from .common import CliError, HelpFormatter
 
 __all__ = ["main", "build_parser", "CliError", "COMMANDS"]
@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "CliError", "COMMANDS"]
 log = logging.getLogger("craft")
 
 # The subcommand modules, in the order ``craft --help`` lists them.
-COMMANDS = (assets, generate, export, serve, remote, train, toyworld)
+COMMANDS = (assets, generate, export, serve, sync, remote, train, toyworld)
 
 
 def _version() -> str:

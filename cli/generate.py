@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def _generate_local(args: argparse.Namespace, request):
 
 def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    notes, manifest = (), None
     if args.local:
         if not args.recipe:
             raise CliError("--local needs --recipe FILE")
@@ -60,9 +62,16 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("give --url HOST:PORT (served) or --local --recipe FILE (in-process)")
         from .remote import generate_remote
 
-        images = generate_remote(args, request)
-    for path in save_images(images, Path(args.out)):
+        result = generate_remote(args, request)
+        images, notes, manifest = result.images, result.notes, result.manifest
+    paths = save_images(images, Path(args.out))
+    if args.json:
+        print(json.dumps({"images": [str(p) for p in paths], "notes": list(notes), "manifest": manifest}))
+        return 0
+    for path in paths:
         print(f"wrote {path}")
+    if manifest:  # which manifest (sha256 of the replica's manifest.json) served the request
+        print(f"manifest: {manifest}")
     return 0
 
 
@@ -100,4 +109,6 @@ def register(sub) -> None:
     what.add_argument("--style-window", type=window, metavar="START,END",
                       help="style time gate as trajectory fractions (default: the recipe's, 0.28,1.0)")
     p.add_argument("--out", required=True, help="output PNG (several prompts: NAME-<i>.png)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: image paths, notes, and the id of the manifest that served it")
     p.set_defaults(func=run)

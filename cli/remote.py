@@ -7,8 +7,6 @@ import dataclasses
 import json
 import sys
 
-import numpy as np
-
 from .common import CliError, HelpFormatter, ProgressBar
 
 __all__ = ["generate_remote", "run_models", "register"]
@@ -21,8 +19,9 @@ def _fields(request) -> dict:
     return fields
 
 
-def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
-    """Send a request to a server; returns (N, H, W, 3) uint8. Server errors exit 2 with the message."""
+def generate_remote(args: argparse.Namespace, request):
+    """Send a request to a server; returns its ``GenerateResult`` (images, notes, manifest id).
+    Server errors exit 2 with the message."""
     from craft_client import CraftClient, CraftConnectionError, CraftServerError
 
     if args.stream and args.protocol != "grpc":
@@ -47,7 +46,7 @@ def generate_remote(args: argparse.Namespace, request) -> np.ndarray:
         raise CliError(f"server refused the request: {exc}") from exc
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    return result.images
+    return result
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -68,6 +67,8 @@ def run_models(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"architecture: {info['arch']}   runtime: {info.get('runtime')} {info.get('precision')}")
+    if info.get("manifest_id"):
+        print(f"manifest: {info['manifest_id']}")
     print("LoRAs:")
     for lora in info["loras"]:
         print(f"  {lora['name']:<20} {lora['kind']:<8} rank {lora.get('rank', '?'):<4} gammas {lora['gammas']}")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .endpoints import RetryPolicy, Rotation, is_unavailable, parse_endpoints
-from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, STREAM_MODEL
+from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, STREAM_MODEL
 
 __all__ = ["CraftServerError", "CraftConnectionError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient",
            "build_request"]
@@ -69,6 +69,9 @@ _GRPC_UNREACHED = ("failed to connect", "connection refused", "socket closed", "
 class GenerateResult:
     images: np.ndarray  # (N, H, W, 3) uint8
     notes: tuple[str, ...] = ()
+    # id of the manifest the request was served under: the sha256 (hex) of the replica's manifest.json
+    # (None: a repository exported before responses carried it)
+    manifest: str | None = None
 
     def pil(self) -> list:
         from PIL import Image
@@ -84,6 +87,7 @@ class Progress:
     total: int
     preview: np.ndarray | None = None
     result: GenerateResult | None = None
+    manifest: str | None = None  # as GenerateResult.manifest, in every message of the stream
 
 
 def build_request(prompt: str | Sequence[str], **fields: Any) -> dict[str, np.ndarray]:
@@ -140,18 +144,29 @@ def _inputs(mod, arrays: Mapping[str, np.ndarray]) -> list:
     return out
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _manifest(response) -> str | None:
+    value = response.as_numpy("manifest")
+    return _text(value.reshape(-1)[0]) if value is not None and value.size else None
+
+
 def _result(response) -> GenerateResult:
     images = response.as_numpy("image")
     notes = response.as_numpy("notes")
-    texts = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in (notes if notes is not None else []))
-    return GenerateResult(images, texts)
+    texts = tuple(_text(n) for n in (notes if notes is not None else []))
+    return GenerateResult(images, texts, _manifest(response))
 
 
 def _event(result) -> Progress:
     """One message of the streaming model: progress, or (with an image) the final result."""
     if result.as_numpy("image") is not None:
-        return Progress(-1, -1, result=_result(result))
-    return Progress(int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0]), result.as_numpy("preview"))
+        final = _result(result)
+        return Progress(-1, -1, result=final, manifest=final.manifest)
+    return Progress(int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0]), result.as_numpy("preview"),
+                    manifest=_manifest(result))
 
 
 def _catalog(response) -> dict:
@@ -283,9 +298,8 @@ class CraftClient(_Base):
 
     def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
         """Images for one request (several prompts -> several images)."""
-        inputs = _inputs(self.mod, build_request(prompt, **fields))
-        outputs = self._outputs(RESPONSE_OUTPUTS)
-        return _result(self._call(lambda c: c.infer(self.model, inputs, outputs=outputs, **self._call_timeout())))
+        inputs = _inputs(self.mod, build_request(prompt, **fields))  # no outputs named: every one the model sends
+        return _result(self._call(lambda c: c.infer(self.model, inputs, **self._call_timeout())))
 
     def stream(self, prompt: str | Sequence[str], *, cancel: threading.Event | None = None,
                **fields: Any) -> Iterator[Progress]:
@@ -369,9 +383,7 @@ class AsyncCraftClient(_Base):
     async def generate(self, prompt: str | Sequence[str], **fields: Any) -> GenerateResult:
         """Images for one request (several prompts -> several images)."""
         inputs = _inputs(self.mod, build_request(prompt, **fields))
-        outputs = self._outputs(RESPONSE_OUTPUTS)
-        return _result(await self._acall(lambda c: c.infer(self.model, inputs, outputs=outputs,
-                                                             **self._call_timeout())))
+        return _result(await self._acall(lambda c: c.infer(self.model, inputs, **self._call_timeout())))
 
     async def stream(self, prompt: str | Sequence[str], *, cancel: asyncio.Event | None = None,
                      **fields: Any) -> AsyncIterator[Progress]:

@@ -69,10 +69,12 @@ REQUEST_INPUTS: Mapping[str, tuple[str, list[int], bool]] = {
 }
 
 # name -> (wire dtype, dims) of every response; the streaming model adds STREAM_OUTPUTS to its
-# progress messages
+# progress messages. "manifest": the id (sha256 hex of manifest.json) of the manifest the request
+# was served under; the streaming model sends it in every message.
 RESPONSE_OUTPUTS: Mapping[str, tuple[str, list[int]]] = {
     "image": ("UINT8", [-1, -1, -1, 3]),
     "notes": ("BYTES", [-1]),
+    "manifest": ("BYTES", [1]),
 }
 STREAM_OUTPUTS: Mapping[str, tuple[str, list[int]]] = {
     "step": ("INT32", [1]),

@@ -11,14 +11,16 @@ when REPO is a mount point (the export job of ``deploy/`` mounts its volume ther
 loads the manifest's models by name, so Triton never looks at the hidden folder.
 
 The commit is renames only (a disk that fills, a corrupt LoRA or a killed process before it leaves
-REPO exactly as it was): each new model folder into place (an older folder of the same name moves
-to the trash), then ``manifest.json`` - last - then the models nothing refers to any more move to the
-trash. A staging folder left by a killed export is removed by the next one, which takes an exclusive
+REPO exactly as it was): each new model folder into place (an older folder of the same name is
+swapped out in one step, ``renameat2(RENAME_EXCHANGE)``, where the file system allows it, so the
+name never points nowhere; elsewhere it moves to the trash first), then ``manifest.json`` - last -
+then the models nothing refers to any more move to the trash. A staging folder left by a killed export is removed by the next one, which takes an exclusive
 lock on REPO first (two exports into one repository at once are refused).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -55,6 +57,25 @@ def is_leftover(name: str) -> bool:
     return name == STAGING or name.startswith(".old-") or name.startswith(f".{MANIFEST}.")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the kernel, the
+    file system (NFS, ...) or the C library cannot, and the caller renames twice instead."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    if not done and ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(b))
+    return done
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -63,9 +84,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+def _write_manifest(path: Path, data: Mapping[str, Any] | bytes) -> None:
+    """The manifest as JSON, or its bytes as given (a copy of another repository keeps its id)."""
+    with open(path, "wb") as f:
+        f.write(data if isinstance(data, bytes) else json.dumps(data, indent=2, sort_keys=True).encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -148,22 +170,27 @@ class RepoTransaction:
 
     # -- the commit -------------------------------------------------------------------------------
 
-    def commit(self, names: Iterable[str], manifest: Mapping[str, Any], remove: Iterable[str] = ()) -> None:
-        """Move the staged models into REPO, swap ``manifest.json`` last, then retire ``remove``."""
+    def commit(self, names: Iterable[str], manifest: Mapping[str, Any] | bytes, remove: Iterable[str] = ()) -> None:
+        """Move the staged models into REPO, swap ``manifest.json`` last, then retire ``remove``.
+
+        ``manifest``: the manifest as a mapping (written as JSON), or the exact bytes to write."""
         names, remove = list(names), list(remove)
         missing = [n for n in names if not self.stage(n).is_dir()]
         if missing:
             raise ExportError(f"internal: models {missing} were never staged")
         # 1. the manifest is written (and fsynced) before anything in REPO moves: a full disk fails here
         staged_manifest = self.root / MANIFEST
-        _write_json(staged_manifest, manifest)
+        _write_manifest(staged_manifest, manifest)
         for name in names:
             _fsync_dir(self.stage(name))
         self.trash.mkdir(exist_ok=True)
         self.committing = True
         # 2. renames only from here on
-        for name in names:
+        for name in names:  # a folder of the same name is swapped in one step where Linux can
             dest = self.out / name
+            if (dest.exists() or dest.is_symlink()) and _exchange(self.stage(name), dest):
+                os.replace(self.stage(name), self.trash / name)  # the old folder, now at the staged path
+                continue
             if dest.exists() or dest.is_symlink():
                 os.replace(dest, self.trash / name)
             os.replace(self.stage(name), dest)

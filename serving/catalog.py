@@ -3,6 +3,7 @@
 When ``manifest.json`` on disk was refused (a hand edit, a half-copied repository), the catalogue
 still describes the manifest in service and says why the file on disk is not
 (``"manifest": {"status": "rejected", "reason": ...}``); ``craft models`` prints that reason.
+``manifest_id`` is the id of the manifest in service, the one its pipeline responses carry.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def catalog(repo: Path | RepoView) -> dict:
         "engine": dict(sorted(view.engine.to_json().items())),
         "runtime": view.runtime,
         "precision": view.precision,
+        "manifest_id": view.manifest_id,  # what every pipeline response of this manifest carries
     }
 
 

@@ -5,6 +5,7 @@ The file's schema and its writer are :mod:`craft_export.manifest_schema`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -16,7 +17,8 @@ from craft_export.manifest_schema import FORMAT_VERSION, MANIFEST, EngineInfo, L
 from craft_ops.aggregate import Variant
 from craft_ops.request import Defaults, Limits, LoraInfo
 
-__all__ = ["MANIFEST", "PIPELINE_MODELS", "ManifestError", "RepoView", "read_manifest", "inside", "check_models"]
+__all__ = ["MANIFEST", "PIPELINE_MODELS", "ManifestError", "RepoView", "read_manifest", "parse_manifest", "manifest_id", "inside",
+           "check_models"]
 
 #: The models ``craft export`` always writes besides the networks the manifest names.
 PIPELINE_MODELS = ("craft_pipeline", "craft_pipeline_stream", "craft_catalog")
@@ -72,6 +74,8 @@ class RepoView:
     runner: str | None  # "native" | "python"
     # SDXL: an empty negative prompt gives zero unconditional embeddings (the checkpoint's setting)
     force_zeros_for_empty_prompt: bool = False
+    # sha256 (hex) of the manifest.json bytes this view was read from: every pipeline response carries it
+    manifest_id: str = ""
 
     def model_for(self, variant: Variant) -> str | None:
         return self.variants.get(variant)
@@ -90,14 +94,31 @@ def check_models(view: RepoView) -> None:
                             f"in the repository (a half-copied repository? run craft export again)")
 
 
+def manifest_id(data: bytes) -> str:
+    """The id of a manifest: the sha256 of its file's bytes, in hex (``sha256sum manifest.json`` prints it).
+
+    Content-addressed, so every replica reading the same file reports the same id, a re-export that
+    changes anything changes it, and a copy made byte for byte (``craft sync``) keeps it."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_manifest(root: Path) -> RepoView:
     """Parse and check ``root/manifest.json``."""
     root = Path(root)
-    path = root / MANIFEST
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        data = (root / MANIFEST).read_bytes()
     except FileNotFoundError as exc:
         raise ManifestError(f"no {MANIFEST} in {root}: not a craft model repository (run craft export)") from exc
+    return parse_manifest(root, data)
+
+
+def parse_manifest(root: Path, data: bytes, path: Path | str | None = None) -> RepoView:
+    """Parse and check the bytes of a manifest of the repository at ``root`` (``path``: where they
+    came from, for messages; default ``root/manifest.json``)."""
+    root = Path(root)
+    path = path or root / MANIFEST
+    try:
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
@@ -105,14 +126,14 @@ def read_manifest(root: Path) -> RepoView:
     if raw.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
     try:
-        return _view(root, raw)
+        return _view(root, raw, manifest_id(data))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ManifestError):
             raise ManifestError(f"{path}: {exc}") from exc
         raise ManifestError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
 
-def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
+def _view(root: Path, raw: Mapping[str, Any], mid: str) -> RepoView:
     if raw["arch"] not in ("sd15", "sdxl"):
         raise ManifestError(f"arch: must be 'sd15' or 'sdxl', got {raw['arch']!r}")
     loras = tuple(LoraRecord.from_json(e) for e in raw["loras"])
@@ -136,7 +157,7 @@ def _view(root: Path, raw: Mapping[str, Any]) -> RepoView:
     return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, loras, engine,
                     latent_scale=int(raw.get("latent_scale", 8)), latent_channels=int(raw.get("latent_channels", 4)),
                     runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"),
-                    force_zeros_for_empty_prompt=_force_zeros(raw))
+                    force_zeros_for_empty_prompt=_force_zeros(raw), manifest_id=mid)
 
 
 def _force_zeros(raw: Mapping[str, Any]) -> bool:

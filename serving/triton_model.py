@@ -66,6 +66,7 @@ class PipelineSettings:
     streaming: bool
     workers: int
     device: str  # "cpu", or "cuda:<i>" when the repository's engines are TensorRT on a GPU
+    outputs: frozenset[str] = frozenset()  # the config's outputs (a repository exported before "manifest" lacks it)
 
     @classmethod
     def from_args(cls, args: dict[str, str], repo: Path, runtime: str | None) -> "PipelineSettings":
@@ -81,6 +82,7 @@ class PipelineSettings:
             streaming=streaming,
             workers=int(params.get("workers", "4") or 4),
             device=f"cuda:{int(args.get('model_instance_device_id') or 0)}" if on_gpu else "cpu",
+            outputs=frozenset(o["name"] for o in config.get("output", [])),
         )
 
 
@@ -175,22 +177,31 @@ class PipelineModel:
             return None
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
-    def _image_response(self, images: np.ndarray, plan):
+    def _manifest_tensors(self, runtime: PipelineRuntime) -> list:
+        """The id of the manifest a request runs under (:func:`craft_serving.manifest.manifest_id`), as an
+        output of every response; left out where the repository's config does not declare it yet."""
+        if "manifest" not in self.settings.outputs:
+            return []
+        return [self.pb.Tensor("manifest", np.array([runtime.repo.manifest_id.encode()], dtype=np.object_))]
+
+    def _image_response(self, images: np.ndarray, plan, runtime: PipelineRuntime):
         pb = self.pb
-        tensors = [pb.Tensor("image", np.ascontiguousarray(images))]
+        tensors = [pb.Tensor("image", np.ascontiguousarray(images)), *self._manifest_tensors(runtime)]
         if plan.notes:
             tensors.append(pb.Tensor("notes", np.array([n.encode() for n in plan.notes], dtype=np.object_)))
         return pb.InferenceResponse(output_tensors=tensors)
 
     async def _generate(self, request, progress=None, cancelled=None):
-        """Parse on the loop thread, run the pipeline on a worker thread."""
+        """Parse on the loop thread, run the pipeline on a worker thread. The whole request runs on the
+        manifest in service when it starts (``progress(preview, runtime)`` builds the progress callback)."""
         runtime = self.watch.current
         req, preview = request_from_arrays({t.name(): t.as_numpy() for t in request.inputs()}, runtime.repo.limits)
         images, plan = await self._loop.run_in_executor(
-            self.pool, lambda: runtime.generate(req, progress=progress and progress(preview), cancelled=cancelled))
+            self.pool,
+            lambda: runtime.generate(req, progress=progress and progress(preview, runtime), cancelled=cancelled))
         for note in plan.notes:
             self.log.log_info(f"craft: {note}")
-        return self._image_response(images, plan)
+        return self._image_response(images, plan, runtime)
 
     def _failed(self, exc: BaseException):
         if isinstance(exc, Cancelled):
@@ -214,10 +225,11 @@ class PipelineModel:
         pb = self.pb
         sender = request.get_response_sender()
 
-        def progress_every(preview: int):
+        def progress_every(preview: int, runtime: PipelineRuntime):
             def progress(step: int, total: int, latents) -> None:
                 tensors = [pb.Tensor("step", np.array([step], dtype=np.int32)),
-                           pb.Tensor("total_steps", np.array([total], dtype=np.int32))]
+                           pb.Tensor("total_steps", np.array([total], dtype=np.int32)),
+                           *self._manifest_tensors(runtime)]
                 if preview and step % preview == 0:
                     tensors.append(pb.Tensor("preview", _preview(latents)))
                 sender.send(pb.InferenceResponse(output_tensors=tensors))

@@ -274,13 +274,41 @@ def test_onprem_repository_is_shared_read_write_many(kubectl):
     assert one(docs, "CronJob")["spec"]["suspend"] is True  # run on demand: kubectl create job --from
 
 
-def test_cloud_reads_the_repository_from_s3(kubectl):
+def test_cloud_serves_a_local_copy_that_craft_sync_keeps(kubectl):
+    """craft serve reads a local folder; `craft sync` fills it before serve starts (init container) and
+    keeps it up to date (sidecar), from the same s3:// source; only the sync containers see credentials."""
     docs = render(kubectl, "cloud")
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     c = serve_container(pod)
-    assert arg(c["args"], "--repo").startswith("s3://")
+    repo = arg(c["args"], "--repo")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (serve_mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == repo]
+    assert serve_mount["readOnly"] is True and "emptyDir" in volumes[serve_mount["name"]]
     assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert {"secretRef": {"name": "craft-s3-credentials"}} in c["envFrom"]
+    assert "envFrom" not in c, "tritonserver needs no store credentials"
+    (init,) = pod["initContainers"]
+    (sidecar,) = [x for x in pod["containers"] if x is not c]
+    assert "--once" in init["args"] and "--once" not in sidecar["args"]
+    assert float(arg(sidecar["args"], "--interval")) <= 60
+    for sync in (init, sidecar):
+        assert sync["command"] == ["craft", "sync"] and sync["image"] == c["image"]
+        assert arg(sync["args"], "--source").startswith("s3://")
+        assert arg(sync["args"], "--source") == arg(init["args"], "--source")
+        assert arg(sync["args"], "--repo") == repo
+        (mount,) = [m for m in sync["volumeMounts"] if m["mountPath"] == repo]
+        assert mount["name"] == serve_mount["name"] and not mount.get("readOnly")
+        assert {"secretRef": {"name": "craft-s3-credentials"}} in sync["envFrom"]
+        assert sync["securityContext"]["readOnlyRootFilesystem"] is True
+        assert sync["securityContext"]["allowPrivilegeEscalation"] is False
+    alive = arg(sidecar["args"], "--alive-file")
+    assert alive in " ".join(sidecar["livenessProbe"]["exec"]["command"])
+    assert any(alive.startswith(m["mountPath"] + "/") and "emptyDir" in volumes[m["name"]]
+               for m in sidecar["volumeMounts"])
+    # the sync flags are craft sync's
+    from craft_cli.app import build_parser
+
+    for sync in (init, sidecar):
+        build_parser().parse_args(sync["command"][1:] + sync["args"])
     assert not [d for d in docs if d["kind"] in ("CronJob", "Job", "PersistentVolumeClaim")]
 
 

@@ -169,7 +169,7 @@ def test_image_dependencies_resolve_for_the_base_python(package_index, tmp_path)
     """
     release = base_release()
     py = release["python"]
-    reqs = requirements(("gpu",))
+    reqs = requirements(("gpu", "s3"))  # the Dockerfile's ".[gpu,s3]"
     resolvable = [str(r) for r in reqs if canonicalize_name(r.name) not in TRT_PACKAGES[:2]]
     torch_version, _ = dockerfile_torch()
     platforms = [a for p in _manylinux_platforms(release["glibc"]) for a in ("--platform", p)]

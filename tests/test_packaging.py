@@ -32,7 +32,7 @@ def test_dockerfile_contract():
     text = (ROOT / "Dockerfile").read_text()
     assert "FROM nvcr.io/nvidia/tritonserver:" in text and "-py3" in text and ":latest" not in text
     assert '"craft", "serve", "--repo", "/models"' in text
-    assert "/v2/health/ready" in text and ".[gpu]" in text
+    assert "/v2/health/ready" in text and ".[gpu,s3]" in text  # s3: craft sync (deploy/cloud)
 
 
 @pytest.mark.parametrize("name, streaming", [("craft_pipeline", False), ("craft_pipeline_stream", True)])

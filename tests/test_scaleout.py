@@ -90,7 +90,7 @@ def replicas(demo_dir, tmp_path_factory):
     export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
     started = [Replica(repo, root / f"replica-{i}.log") for i in range(REPLICAS)]
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # three servers loading at once on a busy 2-core machine
         for r in started:
             r.wait_ready(deadline)
         yield recipe, repo, started
@@ -124,20 +124,33 @@ def _fields(**kw) -> dict:
     return {k: v for k, v in {**REQUEST, **kw}.items() if k != "prompt"}
 
 
+def _file_id(repo: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((repo / "manifest.json").read_bytes()).hexdigest()
+
+
 def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
     """A re-export while 8 clients run: no request fails or sees a half-written model; afterwards
-    every replica serves the new catalogue (and the new LoRA)."""
+    every replica serves the new catalogue (and the new LoRA). Every response names the manifest
+    that served it (the sha256 of manifest.json): the old one's before the swap, the new one's after;
+    how long replicas disagree is measured and printed."""
     recipe, repo, reps = replicas
     urls = [r.url for r in reps]
-    with CraftClient(urls[0], timeout=120) as client:
-        expected = client.generate(REQUEST["prompt"], **_fields()).images
-    stop, errors, answers = threading.Event(), [], []
+    old_id = _file_id(repo)
+    with CraftClient(urls[0], timeout=300) as client:  # minutes when it is a replica's first request on a busy machine
+        first = client.generate(REQUEST["prompt"], **_fields())
+    expected = first.images
+    assert first.manifest == old_id
+    stop, errors, answers, served_by = threading.Event(), [], [], []
 
     def worker() -> None:
         with CraftClient(urls, timeout=300) as client:
             while not stop.is_set():
                 try:
-                    answers.append(np.array_equal(client.generate(REQUEST["prompt"], **_fields()).images, expected))
+                    result = client.generate(REQUEST["prompt"], **_fields())
+                    answers.append(np.array_equal(result.images, expected))
+                    served_by.append((time.monotonic(), result.manifest))
                 except Exception as exc:  # noqa: BLE001 - every failure is the finding
                     errors.append(repr(exc))
 
@@ -148,27 +161,53 @@ def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
     r = subprocess.run([CRAFT, "export", "--recipe", str(recipe), "--out", str(repo), "--runner", "python"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    swapped = time.monotonic()
-    seen: dict[str, float] = {}
-    while len(seen) < REPLICAS and time.monotonic() - swapped < 120:
-        for url in urls:  # every answer during the switch is the old or the new catalogue, never an error
-            with CraftClient(url, timeout=30) as client:
-                names = {lora["name"] for lora in client.catalog()["loras"]}
-            assert names in ({"dog", "watercolor"}, {"dog", "watercolor", "fire"})
-            if "fire" in names:
-                seen.setdefault(url, time.monotonic() - swapped)
-        time.sleep(0.2)
+    swapped = time.monotonic()  # the export swaps manifest.json just before it returns
+    new_id = _file_id(repo)
+    assert new_id != old_id
+    def probe(url: str) -> tuple[float | None, float | None]:
+        """Seconds after the swap until this replica's catalogue, then its pipeline responses, are on the
+        new manifest; every answer on the way is the old or the new one, never an error."""
+        catalog_at = pipeline_at = None
+        with CraftClient(url, timeout=300) as client:  # the first request after the swap loads new models
+            while (catalog_at is None or pipeline_at is None) and time.monotonic() - swapped < 120:
+                catalog = client.catalog()
+                names = {lora["name"] for lora in catalog["loras"]}
+                assert names in ({"dog", "watercolor"}, {"dog", "watercolor", "fire"})
+                assert catalog["manifest_id"] == (new_id if "fire" in names else old_id)
+                if "fire" in names and catalog_at is None:
+                    catalog_at = time.monotonic() - swapped
+                if pipeline_at is None:
+                    manifest = client.generate(REQUEST["prompt"], **_fields(steps=1)).manifest
+                    assert manifest in (old_id, new_id)
+                    if manifest == new_id:
+                        pipeline_at = time.monotonic() - swapped
+                time.sleep(0.1)
+        return catalog_at, pipeline_at
+
+    with ThreadPoolExecutor(REPLICAS) as pool:
+        probed = dict(zip(urls, pool.map(probe, urls)))
+    seen = {url: c for url, (c, _) in probed.items() if c is not None}
+    pipeline = {url: p for url, (_, p) in probed.items() if p is not None}
     time.sleep(2.0)  # requests keep flowing across the swap on every replica
     stop.set()
     for t in threads:
         t.join(300)
     assert errors == [] and answers and all(answers), (errors[:3], answers.count(False))
     assert len(seen) == REPLICAS, f"replicas still on the old manifest after 120 s: {set(urls) - set(seen)}"
+    assert len(pipeline) == REPLICAS, f"pipelines still on the old manifest after 120 s: {set(urls) - set(pipeline)}"
+    ids = [m for _, m in served_by]
+    assert set(ids) <= {old_id, new_id} and ids[-1] == new_id, set(ids)
+    # the last old-manifest answer: a request that started before the swap finishing after it
+    last_old = max((t - swapped for t, m in served_by if m == old_id), default=float("-inf"))
     with CraftClient(urls) as client:  # the new LoRA is servable through any of them
-        images = [client.generate("a dog <c> in fire style <s>", **_fields(style="fire", seed=1)).images for _ in urls]
-    assert all(np.array_equal(images[0], im) for im in images[1:])
+        images = [client.generate("a dog <c> in fire style <s>", **_fields(style="fire", seed=1)) for _ in urls]
+    assert all(np.array_equal(images[0].images, im.images) for im in images[1:])
+    assert {im.manifest for im in images} == {new_id}
     print(f"{len(answers)} requests across the re-export, 0 failed; every replica on the new catalogue "
-          f"after {max(seen.values()):.2f} s (slowest)")
+          f"after {max(seen.values()):.2f} s (slowest), its pipeline answering with the new manifest id after "
+          f"{max(pipeline.values()):.2f} s (per replica: {', '.join(f'{v:.2f}' for v in pipeline.values())} s); "
+          f"last answer under the old manifest {last_old:.2f} s after the swap; "
+          f"{ids.count(old_id)} answers under the old id, {ids.count(new_id)} under the new")
 
 
 def _wait_for_traffic(url: str, timeout: float = 120.0) -> None:
@@ -213,3 +252,56 @@ def test_killing_one_replica_under_load_fails_no_request(replicas):
     images = [im for out in results for im in out]
     assert len(images) == 8 * per_client
     assert all(np.array_equal(im, expected) for im in images)
+
+
+def test_a_replica_on_a_synced_copy_follows_the_store(replicas, demo_dir, tmp_path):
+    """deploy/cloud in small: the replicas' repository stands in for the bucket. `craft sync --once` (the
+    init container) makes a local copy, a fourth craft serve serves it with the bucket's manifest id;
+    after a re-export into the bucket one sync round (the sidecar's) moves it to the new manifest while
+    clients keep going: no failed request, every answer under the old or the new id."""
+    recipe, repo, _ = replicas
+    copy = tmp_path / "copy"
+    r = subprocess.run([CRAFT, "sync", "--source", str(repo), "--repo", str(copy), "--once"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    old_id = _file_id(repo)
+    assert f"manifest {old_id} in place" in r.stdout and _file_id(copy) == old_id
+    replica = Replica(copy, tmp_path / "synced.log")
+    try:
+        replica.wait_ready(time.monotonic() + 300)
+        with CraftClient(replica.url, timeout=120) as client:
+            assert client.generate(REQUEST["prompt"], **_fields()).manifest == old_id
+        with CraftClient(replica.url) as client:
+            names = sorted({lora["name"] for lora in client.catalog()["loras"]} | {"bull"})
+        recipe.write_text(_recipe(demo_dir, names))
+        r = subprocess.run([CRAFT, "export", "--recipe", str(recipe), "--out", str(repo), "--runner", "python"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        new_id = _file_id(repo)
+        stop, errors, ids = threading.Event(), [], []
+
+        def worker() -> None:
+            with CraftClient(replica.url, timeout=300) as client:
+                while not stop.is_set():
+                    try:
+                        ids.append(client.generate(REQUEST["prompt"], **_fields(steps=1)).manifest)
+                    except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                        errors.append(repr(exc))
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        from craft_serving.repo_sync import sync_once
+        from craft_serving.stores import FolderStore
+
+        report = sync_once(FolderStore(repo), copy)
+        assert report.changed and any("bull" in name for name in report.copied), report
+        with CraftClient(replica.url, timeout=120) as client:
+            got = client.generate("a bull <c> in watercolor style <s>", **_fields(content="bull"))
+        stop.set()
+        for t in threads:
+            t.join(300)
+        assert errors == [] and set(ids) <= {old_id, new_id} and ids, (errors[:3], set(ids))
+        assert got.manifest == new_id == _file_id(copy)
+    finally:
+        replica.stop()

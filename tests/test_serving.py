@@ -94,6 +94,13 @@ def served(demo_dir, tmp_path_factory):
                 s.proc.kill()
 
 
+def _file_id(repo: Path) -> str:
+    """The id a response served under ``repo``'s manifest.json carries: the sha256 of the file."""
+    import hashlib
+
+    return hashlib.sha256((repo / "manifest.json").read_bytes()).hexdigest()
+
+
 def _fields(**kw):
     kw.setdefault("seed", 5)
     kw.setdefault("steps", STEPS)
@@ -152,6 +159,12 @@ def test_cli_generate_matches_local(served, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
     assert f"step {STEPS}/{STEPS}" in local.stderr  # the local run's progress bar
+    assert f"manifest: {_file_id(s.repo)}" in remote.stdout and "manifest" not in local.stdout
+    as_json = subprocess.run([CRAFT, "generate", "--url", s.grpc, *args, "--out", str(tmp_path / "j.png"), "--json"],
+                             capture_output=True, text=True, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr
+    want = {"images": [str(tmp_path / "j.png")], "notes": [], "manifest": _file_id(s.repo)}
+    assert json.loads(as_json.stdout) == want
     from PIL import Image
 
     assert _close(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "l.png")))
@@ -186,6 +199,8 @@ def test_streaming_progress_and_final_image(served):
     assert [e.step for e in progress] == list(range(1, 7)) and all(e.total == 6 for e in progress)
     assert [e.step for e in progress if e.preview is not None] == [3, 6]
     assert events[-1].result is not None and np.array_equal(events[-1].result.images, single)
+    assert {e.manifest for e in events} == {_file_id(served["sd15"].repo)}  # every message says which manifest
+    assert events[-1].result.manifest == _file_id(served["sd15"].repo)
 
 
 def test_async_client_offers_the_sync_methods(served):
@@ -201,9 +216,11 @@ def test_async_client_offers_the_sync_methods(served):
     async def run(url: str, protocol: str):
         async with AsyncCraftClient(url, protocol, timeout=300) as client:
             assert await client.ready()
-            images = (await client.generate("a dog <c>", **kw)).images
+            result = await client.generate("a dog <c>", **kw)
+            assert result.manifest == _file_id(s.repo)
             events = [e async for e in client.stream("a dog <c>", **kw)] if protocol == "grpc" else []
-            return images, await client.catalog(), events
+            assert all(e.manifest == _file_id(s.repo) for e in events)
+            return result.images, await client.catalog(), events
 
     images, cat, events = asyncio.run(run(s.grpc, "grpc"))
     assert np.array_equal(images, want) and cat == catalog
@@ -312,19 +329,31 @@ def test_wrong_dtype_is_rejected(served):
 
 
 def test_new_lora_servable_without_restart(served, demo_dir):
+    """A re-export is served on the next request, and every response says which manifest served it:
+    the old id (the sha256 of manifest.json) before the re-export, the new file's id after it."""
     s = served["sd15"]
+    old_id = _file_id(s.repo)
     with s.client() as client:
         with pytest.raises(CraftServerError, match="style"):
             client.generate("a dog <c> in fire style <s>", **_fields(content="dog", style="fire"))
         before = client.catalog()
-    assert "fire" not in [l["name"] for l in before["loras"]]
+        assert client.generate("a dog <c>", **_fields(content="dog", steps=1)).manifest == old_id
+    assert "fire" not in [l["name"] for l in before["loras"]] and before["manifest_id"] == old_id
     s.recipe.write_text(_recipe(demo_dir, "sd15", ["dog", "bull", "watercolor", "fire"]))
     r = subprocess.run([CRAFT, "export", "--recipe", str(s.recipe), "--out", str(s.repo), "--runner", "python", "--json"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    new_id = _file_id(s.repo)
+    assert new_id != old_id
     with s.client() as client:
-        got = client.generate("a dog <c> in fire style <s>", **_fields(content="dog", style="fire")).images
-        assert "fire" in [l["name"] for l in client.catalog()["loras"]]
+        result = client.generate("a dog <c> in fire style <s>", **_fields(content="dog", style="fire"))
+        got = result.images
+        after = client.catalog()
+        assert "fire" in [l["name"] for l in after["loras"]]
+        assert result.manifest == after["manifest_id"] == new_id
+        assert {e.manifest for e in client.stream("a dog <c>", **_fields(content="dog", steps=1))} == {new_id}
+    with s.client("http") as client:
+        assert client.generate("a dog <c>", **_fields(content="dog", steps=1)).manifest == new_id
     ref = _local(s.recipe, "a dog <c> in fire style <s>", content="dog", style="fire")
     assert _close(got, ref)
 
@@ -340,6 +369,7 @@ def test_models_cli(served):
     r = subprocess.run([CRAFT, "models", "--url", served["sdxl"].grpc], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "dog" in r.stdout and "watercolor" in r.stdout and "sdxl" in r.stdout
+    assert f"manifest: {_file_id(served['sdxl'].repo)}" in r.stdout
 
 
 def test_generate_cli_reports_server_errors_cleanly(served, tmp_path):
