@@ -69,8 +69,11 @@ def _stat(proc: Path) -> tuple[str, int] | None:
 
 
 def stubs_of(server_pid: int, proc_root: Path = Path("/proc")) -> dict[int, Stub]:
-    """The live (not zombie) Python-backend stubs that are children of ``server_pid``, by pid."""
-    found = {}
+    """The live (not zombie) Python-backend stubs that are children of ``server_pid``, by pid
+    (none without a ``/proc``: the watchdog then watches nothing)."""
+    found: dict[int, Stub] = {}
+    if not proc_root.is_dir():
+        return found
     for entry in proc_root.iterdir():
         if not entry.name.isdigit():
             continue
