@@ -484,10 +484,10 @@ def test_fuzzed_requests_get_invalid_arg_or_succeed_and_server_stays_up(served):
 
 
 # Stops the SDXL server: keep this test last in the module.
-#: what the stub-kill tests allow (measured on a loaded 2-core machine: failures 0.3 s after the
-#: kill, readiness 400 after 0.3 s, back after 7-21 s; README "Reliability")
+#: what the stub-kill tests allow (measured on a shared 2-core machine: failures 0.2-0.9 s after the
+#: kill, readiness 400 after 0.2-0.5 s, back after 4-106 s at load average 5-26; README "Reliability")
 STUB_FAIL_BOUND_S = 10.0
-STUB_BACK_BOUND_S = 120.0
+STUB_BACK_BOUND_S = 300.0
 
 
 def test_killed_unet_stub_fails_inflight_fast_is_reloaded_and_readiness_is_honest(served):

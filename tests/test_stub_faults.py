@@ -65,7 +65,7 @@ def test_kill_unet_runner_under_concurrent_clients(server):
     the same request gives the same image as before, and each finished one its solo image."""
     before = _solo(server, PAIR[0], _fields(**PAIR[1], seed=30))
     jobs = [(PAIR[0], _fields(**PAIR[1], seed=30 + i, steps=200), True) for i in range(2)]
-    jobs += [(PLAIN[0], _fields(seed=40 + i, steps=200), True) for i in range(2)]
+    jobs += [(PLAIN[0], _fields(seed=40 + i, steps=30), True) for i in range(2)]  # in flight at the kill
     report = kill_stub_under_load(server, "unet_c-dog_s-watercolor_0_0", jobs, timeout=STUB_BACK_BOUND_S * 2)
     _assert_back(server, report, "unet_c-dog_s-watercolor")
     for out in report.outcomes[:2]:
@@ -83,9 +83,9 @@ def test_kill_pipeline_stub_under_concurrent_clients(server):
     from the kill until the model is loaded again; a request meanwhile is refused naming it."""
     plain = (PLAIN[0], _fields(seed=50, steps=2))
     before = _solo(server, *plain)
-    with ThreadPoolExecutor(8) as pool:  # every instance warm, so each request is sampling at the kill
-        list(pool.map(lambda i: _solo(server, PLAIN[0], _fields(seed=i, steps=2)), range(8)))
-    jobs = [(PLAIN[0], _fields(seed=60 + i, steps=60), False) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:  # every instance warm, so each request is sampling at the kill
+        list(pool.map(lambda i: _solo(server, PLAIN[0], _fields(seed=i, steps=1)), range(4)))
+    jobs = [(PLAIN[0], _fields(seed=60 + i, steps=30), False) for i in range(4)]
     report = kill_stub_under_load(server, "craft_pipeline_0_1", jobs, probe=plain, in_flight_after=2.0,
                                   timeout=STUB_BACK_BOUND_S * 2)
     _assert_back(server, report, "craft_pipeline")
