@@ -22,6 +22,10 @@ What it does, every ``poll`` seconds (a scan of ``/proc``, no request to the ser
   again (a crash loop is a bug to see, not to hide): it is unloaded, the reason is logged and
   :attr:`StubWatch.gave_up` set; ``craft serve`` then stops with exit status 1 so that readiness
   (and liveness) fail and the supervisor's restart count shows the loop.
+
+Not solved here: the streams in flight on a dead *decoupled* stub (``craft_pipeline_stream``);
+Triton 2.51 never ends them (they run into the client's deadline) and the old instance never
+finishes unloading. The reload still brings the model back for new streams.
 """
 
 from __future__ import annotations
