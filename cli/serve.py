@@ -2,6 +2,9 @@
 
 SIGTERM or Ctrl-C: new requests are refused, in-flight ones finish (up to ``--grace-period``), then
 tritonserver stops and the command exits 0. A second signal cuts the wait short.
+
+A Python-backend stub process that dies is noticed by a watchdog and its model reloaded
+(:mod:`craft_serving.stub_watch`); a model that keeps dying ends ``craft serve`` with status 1.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 from .common import HelpFormatter
 
@@ -20,15 +24,42 @@ class _StoppedDuringStart(Exception):
     """SIGTERM / SIGINT while tritonserver was still loading its models."""
 
 
-def _wait(prepared, stop: threading.Event) -> int | None:
-    """Serve until a signal (None) or until tritonserver dies (exit status 1)."""
+def _wait(prepared, stop: threading.Event, watch) -> int | None:
+    """Serve until a signal (None), until tritonserver dies or a model keeps crashing (exit status 1)."""
     server = prepared.server
     while not stop.wait(0.5):
         if not server.running:
             print("craft: error: tritonserver exited unexpectedly", file=sys.stderr)
             print(server.log_tail(40), file=sys.stderr)
             return 1
+        if watch is not None and watch.gave_up:
+            return 1  # the watchdog has printed why
     return None
+
+
+def _reporter(log_path):
+    """Watchdog lines go to stderr and into the server log (appended, one write per line)."""
+    def report(line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        print(stamped, file=sys.stderr, flush=True)
+        try:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(stamped + "\n")
+        except OSError:
+            pass
+    return report
+
+
+def _start_watch(prepared, args, stop: threading.Event):
+    if args.max_stub_reloads < 0:
+        return None
+    from craft_serving.stub_watch import ModelControl, StubWatch, WatchPolicy
+
+    server = prepared.server
+    watch = StubWatch(server.pid, ModelControl(server.config.http_url, prepared.admin.value), prepared.run_dir,
+                      policy=WatchPolicy(max_reloads=args.max_stub_reloads), report=_reporter(server.log_path))
+    watch.start(stop)
+    return watch
 
 
 def _drain(prepared, grace: float, again: threading.Event) -> None:
@@ -82,7 +113,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{exc} before tritonserver was ready; stopping it", flush=True)
             return 0
         _announce(prepared, seconds)
-        status = _wait(prepared, stop)
+        watch_stop = threading.Event()
+        watch = _start_watch(prepared, args, watch_stop)
+        try:
+            status = _wait(prepared, stop, watch)
+        finally:
+            watch_stop.set()
         if status is not None:
             return status
         _drain(prepared, args.grace_period, again)
@@ -109,6 +145,10 @@ def register(sub) -> None:
     p.add_argument("--admin-key", help="key for Triton's model-control, statistics, shared-memory, trace and "
                                        "logging APIs (default: $CRAFT_ADMIN_KEY, else a random key written "
                                        "beside the log)")
+    p.add_argument("--max-stub-reloads", type=int, default=3,
+                   help="a model whose Python-backend stub process dies is reloaded; after this many reloads "
+                        "within 10 minutes the next death stops craft serve with status 1 (a crash loop); "
+                        "-1: no watchdog")
     p.add_argument("--log-file", help="server log file (default: <REPO>-tritonserver-<HTTP_PORT>.log in the folder "
                                       "that holds REPO, e.g. out/repo-sd15-tritonserver-8000.log for --repo "
                                       "out/repo-sd15)")

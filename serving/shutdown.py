@@ -15,6 +15,11 @@ travels in ``$CRAFT_RUN_DIR``, which tritonserver's stub processes inherit):
   grace period, and only then stops tritonserver.
 
 A stub that died without cleaning up leaves a stale count: the grace period bounds that wait too.
+
+The same folder carries ``broken/<model>``: written by craft serve's stub watchdog
+(:mod:`.stub_watch`) while it reloads a model whose stub process died, holding the reason. A
+pipeline fails the requests that wait on that model (or need it) at once, with the reason, instead
+of waiting for Triton's own timeout on the dead stub.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = ["ENV_RUN_DIR", "SHUTTING_DOWN", "RunDir", "DrainGate"]
 ENV_RUN_DIR = "CRAFT_RUN_DIR"
 DRAINING = "draining"
 INFLIGHT = "inflight"
+BROKEN = "broken"
 SHUTTING_DOWN = "server is shutting down (craft serve received SIGTERM) and accepts no new requests; retry on another replica"
 
 
@@ -78,6 +84,17 @@ class RunDir:
                 return False, time.monotonic() - start
             time.sleep(poll)
 
+    def mark_broken(self, model: str, reason: str) -> None:
+        """Pipelines fail requests that need ``model`` with ``reason`` until :meth:`clear_broken`."""
+        folder = self.path / BROKEN
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{model}.tmp"
+        tmp.write_text(reason)
+        os.replace(tmp, folder / model)
+
+    def clear_broken(self, model: str) -> None:
+        (self.path / BROKEN / model).unlink(missing_ok=True)
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -114,6 +131,17 @@ class DrainGate:
     @property
     def draining(self) -> bool:
         return self._dir is not None and (self._dir / DRAINING).exists()
+
+    def broken(self, models) -> tuple[str, str] | None:
+        """(model, reason) for the first of ``models`` craft serve has marked broken, else None."""
+        if self._dir is None:
+            return None
+        for model in models:
+            try:
+                return model, (self._dir / BROKEN / model).read_text()
+            except OSError:  # not marked (the usual case), or cleared meanwhile
+                continue
+        return None
 
     @contextmanager
     def admit(self):

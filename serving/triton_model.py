@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ class BlsError(RuntimeError):
     """A network call made through BLS failed."""
 
 
+class ModelUnavailable(BlsError):
+    """A network the request needs is being reloaded by craft serve (its stub process died): UNAVAILABLE."""
+
+#: how often a worker waiting on BLS calls looks for a broken-model mark (:mod:`.shutdown`)
+BROKEN_POLL_S = 0.1
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """What ``initialize`` reads once from Triton's ``args`` and the model config."""
@@ -89,6 +97,8 @@ class PipelineSettings:
 def _error(pb_utils, exc: BaseException):
     if isinstance(exc, RequestError):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(exc, ModelUnavailable):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
     if isinstance(exc, Cancelled):
         return pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, "CANCELLED", pb_utils.TritonError.UNKNOWN))
     return pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
@@ -138,8 +148,26 @@ class PipelineModel:
     # -- BLS -----------------------------------------------------------------------------------
 
     def _infer_many(self, calls):
-        """Runs on a worker thread: hands the calls to the event loop and waits for all of them."""
-        return asyncio.run_coroutine_threadsafe(self._bls(calls), self._loop).result()
+        """Runs on a worker thread: hands the calls to the event loop and waits for all of them.
+
+        A network craft serve marks broken (its stub died: Triton would hold the call for about 20 s
+        before failing it) fails the request at once, naming the model; the abandoned call ends on
+        its own."""
+        models = {c.model for c in calls}
+        self._raise_if_broken(models)
+        future = asyncio.run_coroutine_threadsafe(self._bls(calls), self._loop)
+        while True:
+            try:
+                return future.result(timeout=BROKEN_POLL_S)
+            except FutureTimeout:
+                if future.done():  # the calls themselves raised a TimeoutError
+                    raise
+                self._raise_if_broken(models)
+
+    def _raise_if_broken(self, models) -> None:
+        broken = self.gate.broken(sorted(models))
+        if broken is not None:
+            raise ModelUnavailable(f"{broken[0]}: {broken[1]}")
 
     def _tensor(self, name: str, value: torch.Tensor):
         """torch -> pb_utils.Tensor: DLPack for device tensors (no host copy), numpy for host ones."""
@@ -204,6 +232,8 @@ class PipelineModel:
         return self._image_response(images, plan, runtime)
 
     def _failed(self, exc: BaseException):
+        if isinstance(exc, ModelUnavailable):
+            self.log.log_warn(f"craft: request failed: {exc}")
         if isinstance(exc, Cancelled):
             self.log.log_info(f"craft: {exc}")  # the step it stopped at: tests and operators read it here
         return self.pb.InferenceResponse(error=_error(self.pb, exc))

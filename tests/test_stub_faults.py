@@ -1,0 +1,117 @@
+"""``kill -9`` of Python-backend stub processes of a running ``craft serve`` under concurrent clients
+(the short unet_base variant is ``test_serving.py::test_killed_unet_stub_fails_inflight_fast_is_reloaded_and_readiness_is_honest``).
+
+One server (``--max-stub-reloads 1``) for the module; the crash-loop test stops it, so it runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from craft_export.exporter import ExportOptions, export_repository
+from stub_faults_util import kill_stub_under_load, stub_pid
+from test_serving import STUB_BACK_BOUND_S, STUB_FAIL_BOUND_S, Served, _fields, _recipe, _serve, _wait_log
+
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.extended]
+
+# both windows over every step: the dog+watercolor UNet is called at each one
+PAIR = ("a dog <c> in watercolor style <s>", dict(content="dog", style="watercolor", content_window=[0.0, 1.0],
+                                                 style_window=[0.0, 1.0]))
+PLAIN = ("a house", {})
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stubs")
+    recipe = root / "recipe-sd15.toml"
+    recipe.write_text(_recipe(demo_dir, "sd15", ["dog", "watercolor"]))
+    repo = root / "repo"
+    export_repository(ExportOptions(recipe=recipe, out=repo, runner="python"))
+    log = root / "serve.log"
+    proc, http, grpc = _serve(repo, log, "--max-stub-reloads", "1")
+    served = Served(repo, recipe, proc, http, grpc, log)
+    try:
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _solo(served, prompt: str, fields: dict) -> np.ndarray:
+    with served.client() as client:
+        return client.generate(prompt, **fields).images
+
+
+def _assert_back(served, report, model: str) -> None:
+    assert report.not_ready_at is not None and report.not_ready_at < STUB_FAIL_BOUND_S, report.readiness[:5]
+    assert report.ready_again_at is not None and report.ready_again_at < STUB_BACK_BOUND_S, report.readiness[-5:]
+    _wait_log(served.log, rf"craft: model {model} reloaded and ready [0-9.]+ s after its stub process died")
+
+
+def test_kill_unet_runner_under_concurrent_clients(server):
+    """The dog+watercolor UNet dies under 2 streams that call it at every step and 2 that never do: the
+    first fail fast naming it; the others finish unharmed; readiness is 400 until it is back; afterwards
+    the same request gives the same image as before, and each finished one its solo image."""
+    before = _solo(server, PAIR[0], _fields(**PAIR[1], seed=30))
+    jobs = [(PAIR[0], _fields(**PAIR[1], seed=30 + i, steps=200), True) for i in range(2)]
+    jobs += [(PLAIN[0], _fields(seed=40 + i, steps=30), True) for i in range(2)]  # in flight at the kill
+    report = kill_stub_under_load(server, "unet_c-dog_s-watercolor_0_0", jobs, timeout=STUB_BACK_BOUND_S * 2)
+    _assert_back(server, report, "unet_c-dog_s-watercolor")
+    for out in report.outcomes[:2]:
+        assert out.error is not None and "unet_c-dog_s-watercolor" in str(out.error), out.error
+        assert out.ended < STUB_FAIL_BOUND_S, out.ended
+    for (prompt, fields, _), out in zip(jobs[2:], report.outcomes[2:]):
+        assert out.error is None, f"a request that never uses the killed model failed: {out.error}"
+        assert np.array_equal(out.images, _solo(server, prompt, fields)), (prompt, fields)
+    assert np.array_equal(_solo(server, PAIR[0], _fields(**PAIR[1], seed=30)), before)
+
+
+def test_kill_pipeline_stub_under_concurrent_clients(server):
+    """One of craft_pipeline's 4 stubs dies with a request on each: that request fails fast naming the
+    model; the other three finish with their solo images (the unload waits for them); readiness is 400
+    from the kill until the model is loaded again; a request meanwhile is refused naming it."""
+    plain = (PLAIN[0], _fields(seed=50, steps=2))
+    before = _solo(server, *plain)
+    with ThreadPoolExecutor(4) as pool:  # every instance warm, so each request is sampling at the kill
+        list(pool.map(lambda i: _solo(server, PLAIN[0], _fields(seed=i, steps=1)), range(4)))
+    jobs = [(PLAIN[0], _fields(seed=60 + i, steps=30), False) for i in range(4)]
+    report = kill_stub_under_load(server, "craft_pipeline_0_1", jobs, probe=plain, in_flight_after=2.0,
+                                  timeout=STUB_BACK_BOUND_S * 2)
+    _assert_back(server, report, "craft_pipeline")
+    failed = [out for out in report.outcomes if out.error is not None]
+    assert len(failed) == 1, [str(out.error) for out in failed]
+    assert "craft_pipeline" in str(failed[0].error) and failed[0].ended < STUB_FAIL_BOUND_S, failed[0]
+    for (prompt, fields, _), out in zip(jobs, report.outcomes):
+        if out.error is None:
+            assert np.array_equal(out.images, _solo(server, prompt, fields))
+    if report.probe.error is not None:
+        assert "craft_pipeline" in str(report.probe.error), report.probe.error
+    with server.client() as client:
+        assert client.ready()
+    assert np.array_equal(_solo(server, *plain), before)
+
+
+def test_a_model_that_keeps_dying_stops_craft_serve(server):
+    """--max-stub-reloads 1: the second death of unet_c-dog within 10 minutes is not reloaded; craft serve
+    logs why and exits 1 (readiness and liveness fail; a supervisor's restart count shows the loop)."""
+    os.kill(stub_pid(server.proc.pid, "unet_c-dog_0_0"), signal.SIGKILL)
+    _wait_log(server.log, r"craft: model unet_c-dog reloaded and ready", timeout=STUB_BACK_BOUND_S)
+    os.kill(stub_pid(server.proc.pid, "unet_c-dog_0_0"), signal.SIGKILL)
+    t0 = time.monotonic()
+    assert server.proc.wait(STUB_BACK_BOUND_S) == 1
+    assert time.monotonic() - t0 < 60
+    _wait_log(server.log, r"craft: error: unet_c-dog: its stub process died 2 times within 600 s .*not reloading "
+                          r"it again \(max 1; a crash loop")
+    with server.client("http") as client:
+        assert not client.ready()
