@@ -14,8 +14,8 @@ variant up to floating-point summation order (the tests hold both to a stated to
 
 What a runtime network takes: plain LoRA factors (``dW = alpha/rank * B @ A``) of ``nn.Linear``
 modules and of ``nn.Conv2d`` modules of any kernel size (a k x k conv LoRA is a k x k conv ``A``
-with ``r`` output channels followed by a 1x1 conv ``B``: :func:`lora_branch` computes ``A x`` as
-an im2col matmul). Everything else is *baked-only* and refused by name (:class:`RuntimeLoraError`),
+with ``r`` output channels followed by a 1x1 conv ``B``: :func:`lora_branch` computes ``A x`` as a
+matmul on im2col columns, made by one depthwise conv with a one-hot kernel). Everything else is *baked-only* and refused by name (:class:`RuntimeLoraError`),
 never dropped: Tucker LoCon (``lora_mid``), DoRA, LoHa, LoKr, full diffs, a rank above ``R``, and
 modules the network has no branch for.
 
@@ -207,39 +207,51 @@ def pad_factors(module: RuntimeModule, A: torch.Tensor, B: torch.Tensor, rank: i
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """What im2col needs of an ``nn.Conv2d``: kernel, stride and zero padding (dilation 1, groups 1)."""
+    """What the conv branch needs of an ``nn.Conv2d``: channels, kernel, stride, zero padding (dilation 1, groups 1)."""
 
+    channels: int
     kernel: tuple[int, int]
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
 
+    @property
+    def pointwise(self) -> bool:
+        return (*self.kernel, *self.stride, *self.padding) == (1, 1, 1, 1, 0, 0)
 
-def _im2col(x: torch.Tensor, geom: ConvGeometry, out_hw: tuple) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo) columns in ``A.reshape(r, C*kh*kw)`` order, by slicing
-    (exports to Pad / Slice / Concat, no im2col op needed)."""
-    n, c = x.shape[0], x.shape[1]
-    (kh, kw), (sh, sw), (ph, pw) = geom.kernel, geom.stride, geom.padding
-    ho, wo = out_hw
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-        return x.reshape(n, c, -1)
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    cols = [xp[:, :, i:, j:][:, :, ::sh, ::sw][:, :, :ho, :wo] for i in range(kh) for j in range(kw)]
-    return torch.stack(cols, dim=2).reshape(n, c * kh * kw, -1)  # (N, C, kh*kw, Ho, Wo) -> (N, C*kh*kw, HoWo)
+    def unfold_kernel(self) -> torch.Tensor:
+        """(C*kh*kw, 1, kh, kw) one-hot depthwise kernel: conv2d with it (groups=C) is im2col, columns in
+        ``A.reshape(r, C*kh*kw)`` order (one Conv node in the exported graph, no im2col op needed)."""
+        kh, kw = self.kernel
+        eye = torch.eye(kh * kw, dtype=torch.float32).reshape(kh * kw, 1, kh, kw)
+        return eye.repeat(self.channels, 1, 1, 1)
+
+
+def _im2col(x: torch.Tensor, geom: ConvGeometry, unfold: torch.Tensor | None) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo)."""
+    n = x.shape[0]
+    if geom.pointwise:
+        return x.reshape(n, geom.channels, -1)
+    if unfold is None:
+        unfold = geom.unfold_kernel().to(x.dtype)
+    cols = torch.nn.functional.conv2d(x, unfold, stride=geom.stride, padding=geom.padding, groups=geom.channels)
+    return cols.reshape(n, unfold.shape[0], -1)  # (N, C*kh*kw, Ho, Wo) -> (N, C*kh*kw, HoWo)
 
 
 def lora_branch(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, index: torch.Tensor,
-                scale: torch.Tensor, geom: ConvGeometry | None, out: torch.Tensor) -> torch.Tensor:
+                scale: torch.Tensor, geom: ConvGeometry | None, out: torch.Tensor,
+                unfold: torch.Tensor | None = None) -> torch.Tensor:
     """``scale[b] * B[index[b]] (A[index[b]] x[b])`` for every sample b (banks from :func:`pad_factors`).
 
     ``x``: the module's input, (B, T, d_in) or (B, d_in) for a linear module (``geom`` None),
     (B, d_in, H, W) for a conv; ``out``: the module's W_init output (for its shape); ``index``
-    (B,) int64 slot per sample; ``scale`` (B,) float. Returns the delta in ``out``'s shape.
+    (B,) int64 slot per sample; ``scale`` (B,) float; ``unfold``: ``geom.unfold_kernel()``, kept
+    by the caller (a constant of the exported graph). Returns the delta in ``out``'s shape.
     """
     A = A_bank.index_select(0, index)  # (B, fan_in, R) linear / (B, R, fan_in) conv
     B = B_bank.index_select(0, index)  # (B, R, d_out) / (B, d_out, R)
     s = scale.reshape(-1, 1, 1)
     if geom is not None:
-        cols = _im2col(x, geom, (out.shape[2], out.shape[3]))  # (B, fan_in, HoWo)
+        cols = _im2col(x, geom, unfold)  # (B, fan_in, HoWo)
         return torch.matmul(B, torch.matmul(A, cols) * s).reshape(out.shape)  # (B, R, HoWo) -> (B, d_out, Ho, Wo)
     if x.dim() == 2:
         return torch.matmul(torch.matmul(x.unsqueeze(1), A) * s, B).squeeze(1)

@@ -68,7 +68,7 @@ def _geometry(name: str, module: nn.Module) -> ConvGeometry | None:
             or isinstance(module.padding, str)):
         raise RuntimeLoraError(f"runtime target {name!r}: conv with groups={module.groups}, dilation={module.dilation}, "
                                f"padding={module.padding!r} ({module.padding_mode}) has no runtime LoRA branch")
-    return ConvGeometry(tuple(module.kernel_size), tuple(module.stride), tuple(module.padding))
+    return ConvGeometry(int(module.in_channels), tuple(module.kernel_size), tuple(module.stride), tuple(module.padding))
 
 
 class RuntimeUNetNet(nn.Module):
@@ -90,6 +90,10 @@ class RuntimeUNetNet(nn.Module):
             if tuple(mod.weight.shape) != m.shape:
                 raise RuntimeLoraError(f"runtime layout: module {m.name!r} has weight {tuple(mod.weight.shape)}, "
                                        f"layout says {m.shape}")
+        # im2col kernels of the k x k convs: constants of the exported graph (buffers, not saved in a state dict)
+        for i, g in enumerate(self._geoms):
+            if g is not None and not g.pointwise:
+                self.register_buffer(f"unfold_{i}", g.unfold_kernel(), persistent=False)
         self._ctx: dict | None = None
 
     @contextlib.contextmanager
@@ -108,7 +112,8 @@ class RuntimeUNetNet(nn.Module):
             ctx = self._ctx
             A, B = ctx["banks"][i]
             index, scale = ctx[kind]
-            return output + lora_branch(args[0], A, B, index, scale, geom, output)
+            unfold = getattr(self, f"unfold_{i}", None)
+            return output + lora_branch(args[0], A, B, index, scale, geom, output, unfold)
 
         return hook
 

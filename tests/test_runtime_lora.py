@@ -8,8 +8,8 @@ tiny SD 1.5 (1x1-conv proj_in / proj_out) and SDXL (linear projections) UNets. T
 also carry 3x3 resnet-conv factors, so the im2col branch is covered too.
 
 Tolerance: fp32 on CPU. ``W x + s B (A x)`` and ``(W + s B A) x`` differ only in summation
-order; the measured max |runtime - baked| is ~1e-6 (PyTorch) and ~2e-6 (ONNX Runtime) on
-outputs of magnitude ~1. Held to 1e-4 (the same bound as ONNX-vs-PyTorch parity).
+order; the measured max |runtime - baked| (PyTorch) is 4.4e-6 (SD 1.5) and 3.2e-6 (SDXL) on
+outputs up to ~2.6 in magnitude. Held to 1e-4 (the same bound as ONNX-vs-PyTorch parity).
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def test_runtime_equals_baked_pytorch(tiny, arch):
         assert (m > 1e-3) == (row[1] > 0 or row[3] > 0), (row, m)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+# SD 1.5's runtime graph is also exported, checked and compared by test_runtime_export (craft export
+# --lora-mode runtime); here only SDXL by default (an export of the tiny runtime UNet takes ~15 s).
+@pytest.mark.parametrize("arch", [pytest.param("sd15", marks=pytest.mark.extended), "sdxl"])
 def test_runtime_onnx_equals_baked(tiny, arch, tmp_path):
     """Exported at batch 2 / 3 slots / 64x64; run at batch 6 / 5 slots / 64x96 in ONNX Runtime."""
     from craft_export.onnx_export import export_onnx
@@ -150,7 +152,7 @@ def test_conv_branch_is_conv_with_delta(stride, padding, kernel):
     A_bank[1:, :r], B_bank[1:, :, :r] = A, B
     scale = torch.tensor([1.0, 0.5, 0.0])
     out = torch.nn.functional.conv2d(x, torch.zeros(o, c, kernel, kernel), stride=stride, padding=padding)
-    geom = ConvGeometry((kernel, kernel), (stride, stride), (padding, padding))
+    geom = ConvGeometry(c, (kernel, kernel), (stride, stride), (padding, padding))
     got = lora_branch(x, A_bank, B_bank, torch.arange(1, n + 1), scale, geom, out)
     for b in range(n):
         w = (scale[b] * B[b] @ A[b]).reshape(o, c, kernel, kernel)
