@@ -244,15 +244,16 @@ def lora_branch(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, ind
 
     ``x``: the module's input, (B, T, d_in) or (B, d_in) for a linear module (``geom`` None),
     (B, d_in, H, W) for a conv; ``out``: the module's W_init output (for its shape); ``index``
-    (B,) int64 slot per sample; ``scale`` (B,) float; ``unfold``: ``geom.unfold_kernel()``, kept
+    (B,) int64 slot per sample; ``scale`` (B, 1, 1) float (shaped once per call by the caller:
+    one Reshape per call, not per module, in the graph); ``unfold``: ``geom.unfold_kernel()``, kept
     by the caller (a constant of the exported graph). Returns the delta in ``out``'s shape.
     """
     A = A_bank.index_select(0, index)  # (B, fan_in, R) linear / (B, R, fan_in) conv
     B = B_bank.index_select(0, index)  # (B, R, d_out) / (B, d_out, R)
-    s = scale.reshape(-1, 1, 1)
+    s = scale
     if geom is not None:
         cols = _im2col(x, geom, unfold)  # (B, fan_in, HoWo)
-        return torch.matmul(B, torch.matmul(A, cols) * s).reshape(out.shape)  # (B, R, HoWo) -> (B, d_out, Ho, Wo)
+        return torch.matmul(B, torch.matmul(A, cols) * s).reshape_as(out)  # (B, R, HoWo) -> (B, d_out, Ho, Wo)
     if x.dim() == 2:
         return torch.matmul(torch.matmul(x.unsqueeze(1), A) * s, B).squeeze(1)
     return torch.matmul(torch.matmul(x, A) * s, B)  # (B, T, R) -> (B, T, d_out)

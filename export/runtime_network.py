@@ -122,8 +122,8 @@ class RuntimeUNetNet(nn.Module):
         values = {**dict(zip(self.input_names, args)), **kwargs}
         n = len(self.layout.modules)
         self._ctx = {"banks": [(values[bank_names(i)[0]], values[bank_names(i)[1]]) for i in range(n)],
-                     "content": (values["content_index"], values["content_scale"]),
-                     "style": (values["style_index"], values["style_scale"])}
+                     "content": (values["content_index"], values["content_scale"].reshape(-1, 1, 1)),
+                     "style": (values["style_index"], values["style_scale"].reshape(-1, 1, 1))}
         try:
             with self._attached():
                 return self.net(*(values.get(k) for k in _UNET_INPUTS))

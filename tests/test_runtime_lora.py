@@ -153,7 +153,7 @@ def test_conv_branch_is_conv_with_delta(stride, padding, kernel):
     scale = torch.tensor([1.0, 0.5, 0.0])
     out = torch.nn.functional.conv2d(x, torch.zeros(o, c, kernel, kernel), stride=stride, padding=padding)
     geom = ConvGeometry(c, (kernel, kernel), (stride, stride), (padding, padding))
-    got = lora_branch(x, A_bank, B_bank, torch.arange(1, n + 1), scale, geom, out)
+    got = lora_branch(x, A_bank, B_bank, torch.arange(1, n + 1), scale.reshape(-1, 1, 1), geom, out)
     for b in range(n):
         w = (scale[b] * B[b] @ A[b]).reshape(o, c, kernel, kernel)
         want = torch.nn.functional.conv2d(x[b:b + 1], w, stride=stride, padding=padding)
