@@ -97,6 +97,7 @@ def test_runner_equals_baked_variants(runtime_repo, reference):
         runner(x, [Variant(style="dog", gamma_s=1.0)] + [Variant()] * 3)
 
 
+@pytest.mark.extended
 def test_lora_cache_lru_and_split_calls(runtime_repo, reference):
     """A cache of one LoRA per kind: a call with two content LoRAs is split, LRU evicts, results unchanged."""
     from craft_serving.runtime_unet import RuntimeUNet
@@ -160,7 +161,8 @@ def test_register_new_lora_without_rebuilding(runtime_repo, reference, demo_dir,
     print(f"new LoRA registered (in-process CLI) and served in {registered_to_served:.2f} s")
 
 
-@pytest.mark.parametrize("content,style,gamma_c", [("dog", "watercolor", 0.6), (None, None, None)])
+@pytest.mark.parametrize("content,style,gamma_c", [("dog", "watercolor", 0.6),
+                                                   pytest.param(None, None, None, marks=pytest.mark.extended)])
 def test_image_runtime_equals_baked(runtime_repo, ref_pipes, content, style, gamma_c):
     """The time-gated ACFG loop on the runtime repository (cond + uncond as ONE batch-2 call per step,
     a continuous gamma_c) gives the baked reference image within 1/255; without LoRAs every call
