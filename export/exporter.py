@@ -30,7 +30,7 @@ from .networks import PipelineNets, pipeline_nets
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
 from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
-from .recipe import EngineRange, Recipe, load_recipe
+from .recipe import EngineRange, Recipe, load_recipe, recipe_paths
 from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
 from .safe_files import UnsafeFileError, check_confined
@@ -94,13 +94,6 @@ def _check_out(out: Path) -> dict | None:
     if any(not is_leftover(p.name) for p in out.iterdir()):
         raise ExportError(f"--out {out} is not empty and holds no {MANIFEST}: refusing to write into it")
     return None
-
-
-def recipe_paths(recipe: Recipe) -> list[tuple[str, Path]]:
-    """Every file or folder a recipe names, with its field."""
-    paths = [("recipe", recipe.path), ("base.path", recipe.base)]
-    paths += [(f"base.{k}", p) for k, p in (("backbone", recipe.backbone), ("config", recipe.config)) if p]
-    return paths + [(f"lora {spec.name!r}.path", spec.path) for spec in recipe.loras]
 
 
 def load_everything(options: ExportOptions) -> Loaded:

@@ -28,7 +28,7 @@ from .lora_files import LoraFileError, metadata_alphas
 from .manifest_schema import LoraRecord
 from .options import ExportError, ExportOptions, ExportReport
 from .plan import FORMAT_VERSION, PlanError, parse_pairs
-from .recipe import LoraSpec, Recipe, load_recipe
+from .recipe import LoraSpec, Recipe, load_recipe, recipe_paths
 from .runtime_plan import fingerprint, remove_unreferenced_factors
 from .safe_files import UnsafeFileError, check_confined
 from .staging import RepoTransaction
@@ -76,8 +76,6 @@ def register_loras(options: ExportOptions, out: Path, old: Mapping,
         return None
     recipe = load_recipe(options.recipe)
     if options.confine_to:
-        from .exporter import recipe_paths
-
         try:
             check_confined(recipe_paths(recipe), options.confine_to)
         except UnsafeFileError as exc:

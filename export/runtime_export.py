@@ -26,9 +26,8 @@ from craft_ops.lora import LoraAdapter
 from craft_ops.routing import Routing
 from craft_ops.runtime_lora import RUNTIME_TARGETS, RuntimeLayout, runtime_factors, runtime_layout
 
-from .network_specs import network_specs
 from .plan import FORMAT_VERSION, stable_hash
-from .runtime_network import RUNTIME_INPUTS, make_banks, runtime_spec
+from .runtime_network import RUNTIME_INPUTS, make_banks
 from .specs import NetworkSpec
 
 __all__ = ["RUNTIME_MODEL", "LORA_FOLDER", "LAYOUT_FILE", "SHAPES_FILE", "layout_for", "runtime_examples",
@@ -66,10 +65,6 @@ def runtime_examples(spec: NetworkSpec, hw: tuple[int, int], batch: int, slots: 
         out[f"{kind}_index"] = torch.randint(0, slots, (batch,), generator=g)
         out[f"{kind}_scale"] = torch.rand(batch, generator=g)
     return out
-
-
-def runtime_net_spec(arch: str, parts, layout: RuntimeLayout, max_batch: int) -> NetworkSpec:
-    return runtime_spec(network_specs(arch, parts, max_batch=max_batch)["unet"], layout)
 
 
 def factors_key(sha256: str, kind: str, routing: Routing, layout: RuntimeLayout) -> str:
