@@ -29,10 +29,10 @@ from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
-from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
 from .recipe import EngineRange, Recipe, load_recipe, recipe_paths
 from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
+from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
 from .safe_files import UnsafeFileError, check_confined
 from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
 

@@ -108,8 +108,15 @@ def read_factors(path: Path) -> tuple[str, dict[str, tuple[torch.Tensor, torch.T
 
 
 def write_layout_files(folder: Path, layout: RuntimeLayout, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    (folder / LAYOUT_FILE).write_text(json.dumps(layout.to_json()))
-    (folder / SHAPES_FILE).write_text(json.dumps({k: list(v) for k, v in sorted(shapes.items())}))
+    """``layout.json`` and ``module_shapes.json``; each replaced atomically (a live runner may read them)."""
+    for name, body in ((LAYOUT_FILE, layout.to_json()), (SHAPES_FILE, {k: list(v) for k, v in sorted(shapes.items())})):
+        text = json.dumps(body)
+        path = folder / name
+        if path.is_file() and path.read_text() == text:
+            continue
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def read_layout_files(folder: Path) -> tuple[RuntimeLayout, dict[str, tuple[int, ...]]]:
