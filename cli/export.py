@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from craft_export.options import PRECISIONS, RUNNERS, RUNTIMES
+from craft_export.options import LORA_MODES, PRECISIONS, RUNNERS, RUNTIMES
 
 from .common import HelpFormatter
 
@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
     confine = args.confine_to or [p for p in os.environ.get("CRAFT_CONFINE_TO", "").split(os.pathsep) if p]
     options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
                             precision=args.precision, pairs=args.pairs, runner=args.runner,
-                            keep_onnx=args.keep_onnx, confine_to=tuple(Path(p) for p in confine))
+                            keep_onnx=args.keep_onnx, confine_to=tuple(Path(p) for p in confine),
+                            lora_mode=args.lora_mode, max_rank=args.max_rank)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = export_repository(options, progress=say)
     if args.json:
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
               f"in {report.seconds:.1f} s -> {options.out}")
         for name, seconds in report.timings.items():
             print(f"  {name}: {seconds:.2f} s")
+        if report.loras:
+            how = "registered without rebuilding any network" if report.fast_path else "written"
+            print(f"  LoRA factor files {how}: {', '.join(report.loras.get('written', [])) or 'none new'}")
     return 0
 
 
@@ -42,7 +46,15 @@ def register(sub) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="engine runtime")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="engine precision (fp16 / bf16: TensorRT on a GPU only)")
-    p.add_argument("--pairs", default="all", help="content+style pairs to bake: 'all', 'none' or NAME+NAME,...")
+    p.add_argument("--pairs", default=None,
+                   help="content+style pairs to bake: 'all', 'none' or NAME+NAME,... (default: all in baked mode, "
+                        "none in runtime mode, where the pairs named are baked as hot pairs)")
+    p.add_argument("--lora-mode", choices=LORA_MODES, default="baked",
+                   help="baked: one engine per weight variant; runtime: one runtime-LoRA UNet network whose "
+                        "routed modules take LoRA factors and gates as inputs, plus one factor file per LoRA "
+                        "(a new LoRA is registered without rebuilding any network)")
+    p.add_argument("--max-rank", type=int, default=64,
+                   help="runtime mode: the rank every LoRA factor is zero-padded to; a LoRA above it is refused")
     p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="engine models: native Triton backends, Python-backend runners, or whichever the local "
                         "tritonserver supports")

@@ -29,9 +29,10 @@ from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
-from .recipe import EngineRange, Recipe, load_recipe
+from .recipe import EngineRange, Recipe, load_recipe, recipe_paths
 from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
+from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
 from .safe_files import UnsafeFileError, check_confined
 from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
 
@@ -53,6 +54,7 @@ class Loaded:
     engine: EngineRange
     nets: PipelineNets
     baker: VariantBaker
+    runtime: RuntimeSide | None = None  # --lora-mode runtime: layout, checked factors, fingerprint
 
     @property
     def recipe(self) -> Recipe:
@@ -94,13 +96,6 @@ def _check_out(out: Path) -> dict | None:
     return None
 
 
-def recipe_paths(recipe: Recipe) -> list[tuple[str, Path]]:
-    """Every file or folder a recipe names, with its field."""
-    paths = [("recipe", recipe.path), ("base.path", recipe.base)]
-    paths += [(f"base.{k}", p) for k, p in (("backbone", recipe.backbone), ("config", recipe.config)) if p]
-    return paths + [(f"lora {spec.name!r}.path", spec.path) for spec in recipe.loras]
-
-
 def load_everything(options: ExportOptions) -> Loaded:
     recipe = load_recipe(options.recipe)
     if options.confine_to:
@@ -114,8 +109,9 @@ def load_everything(options: ExportOptions) -> Loaded:
              for name, spec in ((s.name, s) for s in models.recipe.loras)}
     pairs = parse_pairs(options.pairs, {n: lora.kind for n, lora in models.loras.items()})
     baker = VariantBaker(unet_weights(models.parts.unet), models.shapes, models.recipe.routing, models.loras.values())
+    runtime = runtime_side(models, files, options, pairs) if options.lora_mode == "runtime" else None  # refusals named
     return Loaded(models, files, pairs, models.recipe.engine_range(models.parts.arch), pipeline_nets(models.parts),
-                  baker)
+                  baker, runtime)
 
 
 # -- 2. planning -------------------------------------------------------------------------------
@@ -139,8 +135,14 @@ def plan_jobs(loaded: Loaded, build: Mapping[str, object]) -> list[ModelJob]:
     w_init = _weights_key(unet_dir)
     lora_keys = {n: f["sha256"] for n, f in loaded.lora_files.items()}
     routed = {n: loaded.baker.routed_modules(n) for n in loaded.loras}  # Eq. 7, without the fp32 deltas
-    variants = plan_variants({n: lora.kind for n, lora in loaded.loras.items()},
-                             {n: lora.gammas for n, lora in loaded.loras.items()}, loaded.pairs)
+    kinds = {n: lora.kind for n, lora in loaded.loras.items()}
+    gammas = {n: lora.gammas for n, lora in loaded.loras.items()}
+    if loaded.runtime is None:
+        variants = plan_variants(kinds, gammas, loaded.pairs)
+    else:  # W_init and the hot pairs only; every LoRA runs on the runtime network
+        variants = plan_runtime_variants(kinds, gammas, loaded.pairs)
+        jobs.append(ModelJob(loaded.runtime.model, loaded.runtime.model,
+                             loaded.runtime.network_key(w_init, build), ()))
     by_key: dict[str, list[Variant]] = {}
     for v in variants:
         by_key.setdefault(variant_key(v, w_init, lora_keys, routed, build), []).append(v)
@@ -174,8 +176,9 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
         coverage = {"modules": len(modules), "content": len(routing.select("content", modules)),
                     "style": len(routing.select("style", modules)), "routed": len(routing.select(lora.kind, modules))}
         files = loaded.lora_files[name]
+        factors = loaded.runtime.records.get(name, {}) if loaded.runtime else {}
         loras.append(LoraRecord(name, lora.kind, tuple(lora.gammas), files["path"], files["sha256"], files["format"],
-                                files["rank"], coverage))
+                                files["rank"], coverage, factors.get("factors", ""), factors.get("factors_key", "")))
     return manifest_json(
         arch=parts.arch, base=parts.path, backbone=loaded.recipe.backbone, routing=routing,
         runtime=options.runtime, precision=options.precision, runner=runner,
@@ -186,6 +189,7 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
         engine=EngineInfo(engine.min_size, engine.opt_size, engine.max_size, engine.max_batch,
                           max_pixels=engine.max_pixels),
         force_zeros_for_empty_prompt=bool(parts.extra.get("force_zeros_for_empty_prompt", False)),
+        lora_mode=options.lora_mode, runtime_lora=loaded.runtime.manifest_section() if loaded.runtime else None,
     )
 
 
@@ -197,8 +201,15 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
     t_start = time.perf_counter()
     out = Path(options.out).resolve()
     # 1. validate everything before writing anything
-    _check_out(out)
+    old = _check_out(out)
     _check_runtime(options)
+    if options.lora_mode == "runtime" and old:
+        from .lora_register import register_loras  # only LoRAs changed: factor files + manifest, no base loaded
+
+        report = register_loras(options, out, old, progress)
+        if report is not None:
+            report.seconds = time.perf_counter() - t_start
+            return report
     loaded = load_everything(options)
     runner = _detect_runner(options)
     # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
@@ -215,7 +226,8 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
 def _reusable(out: Path, job: ModelJob, prev: Mapping | None) -> bool:
     """An unchanged model: same content key in the old manifest and in the folder itself."""
     folder = out / job.name
-    if not prev or prev.get("key") != job.key or not (folder / "config.pbtxt").is_file():
+    marker = folder / "1" / "model.onnx" if job.network == "unet_lora" else folder / "config.pbtxt"  # not a Triton model
+    if not prev or prev.get("key") != job.key or not marker.is_file():
         return False
     return folder_key(folder) in (None, job.key)  # no key file: exported before key files existed
 
@@ -225,6 +237,8 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
     out, staging, report = txn.out, txn.models, ExportReport()
     old = _check_out(out) or {}  # read again under the lock
     specs = network_specs(loaded.parts.arch, loaded.parts, max_batch=loaded.engine.max_batch)
+    if loaded.runtime is not None:
+        specs[loaded.runtime.model] = loaded.runtime.spec(specs["unet"])
     e = loaded.engine
     build = {"runtime": options.runtime, "precision": options.precision, "runner": runner,
              "engine": [e.min_size, e.opt_size, e.max_size, e.max_batch]}
@@ -260,10 +274,15 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
             base_engine = engine_path(staging / job.name, options)
         report.timings[job.name] = round(time.perf_counter() - t0, 3)
     pipeline, assets = stage_pipeline(staging, loaded.parts)
+    if loaded.runtime is not None:  # factor files: into the new network's folder, or beside the reused one
+        model = loaded.runtime.model
+        report.loras = loaded.runtime.write_factors(staging / model if model in fresh else out / model)
     # 5. every model built and checked, the manifest written: only now does REPO change
     manifest = _manifest(loaded, jobs, records, assets, options, runner)
     keep = {j.name for j in jobs} | set(pipeline)
     report.removed = sorted(set(old_models) - keep)
     txn.commit([*fresh, *pipeline], manifest, remove=report.removed)
+    if loaded.runtime is not None:
+        loaded.runtime.remove_unreferenced(out)
     report.built = fresh
     return report

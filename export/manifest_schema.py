@@ -36,16 +36,21 @@ class LoraRecord:
     format: str = ""  # "peft" | "diffusers-legacy" | "kohya"
     rank: int = 0
     coverage: Mapping[str, int] = field(default_factory=dict)  # module counts: modules, content, style, routed
+    factors: str = ""  # runtime mode: the factor file, relative to the repository
+    factors_key: str = ""  # runtime mode: its content key
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "gammas": list(self.gammas), "path": self.path,
-                "sha256": self.sha256, "format": self.format, "rank": self.rank, "coverage": dict(self.coverage)}
+        out = {"name": self.name, "kind": self.kind, "gammas": list(self.gammas), "path": self.path,
+               "sha256": self.sha256, "format": self.format, "rank": self.rank, "coverage": dict(self.coverage)}
+        if self.factors:
+            out.update(factors=self.factors, factors_key=self.factors_key)
+        return out
 
     @classmethod
     def from_json(cls, entry: Mapping[str, Any]) -> "LoraRecord":
         return cls(entry["name"], entry["kind"], tuple(float(g) for g in entry["gammas"]), entry.get("path", ""),
                    entry.get("sha256", ""), entry.get("format", ""), int(entry.get("rank", 0)),
-                   dict(entry.get("coverage", {})))
+                   dict(entry.get("coverage", {})), entry.get("factors", ""), entry.get("factors_key", ""))
 
 
 @dataclass(frozen=True)
@@ -81,11 +86,13 @@ def manifest_json(*, arch: str, base: Path, backbone: Path | None, routing: Rout
                   runner: str, latent_scale: int, latent_channels: int, loras: Sequence[LoraRecord],
                   pairs: Sequence[tuple[str, str]], variants: Sequence[Mapping[str, Any]],
                   networks: Mapping[str, str], models: Mapping[str, Mapping[str, Any]], assets: Mapping[str, str],
-                  defaults: Defaults, engine: EngineInfo, force_zeros_for_empty_prompt: bool = False) -> dict[str, Any]:
+                  defaults: Defaults, engine: EngineInfo, force_zeros_for_empty_prompt: bool = False,
+                  lora_mode: str = "baked", runtime_lora: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a repository, as written (``models``: each model's export record).
 
     ``force_zeros_for_empty_prompt``: the SDXL checkpoint's ``model_index.json`` setting (diffusers'
     default true; always false for SD 1.5), which the served pipeline applies to an empty negative prompt.
+    ``lora_mode`` / ``runtime_lora``: ``craft export --lora-mode runtime`` (:mod:`.runtime_export`).
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -104,4 +111,6 @@ def manifest_json(*, arch: str, base: Path, backbone: Path | None, routing: Rout
         "assets": dict(assets),
         "defaults": defaults.as_dict(),
         "engine": engine.to_json(),
+        "lora_mode": lora_mode,
+        **({"runtime_lora": dict(runtime_lora)} if runtime_lora else {}),
     }

@@ -26,7 +26,7 @@ __all__ = ["PARITY_TOLERANCE", "build_model", "engine_path", "network_module"]
 
 # Max |ONNX Runtime - PyTorch| accepted per network in fp32 (the measured errors are orders of
 # magnitude below; each model's own is recorded in the manifest).
-PARITY_TOLERANCE = {"unet": 1e-4, "text_encoder": 1e-4, "text_encoder_2": 1e-4, "vae_decoder": 1e-4}
+PARITY_TOLERANCE = {"unet": 1e-4, "text_encoder": 1e-4, "text_encoder_2": 1e-4, "vae_decoder": 1e-4, "unet_lora": 1e-4}
 
 
 def network_module(nets: PipelineNets, baker: VariantBaker, job: ModelJob) -> tuple[torch.nn.Module, dict]:
@@ -57,13 +57,20 @@ class _Baked(torch.nn.Module):
         return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
 
 
+def _examples(spec: NetworkSpec, hw: tuple[int, int], batch: int, seed: int) -> dict[str, torch.Tensor]:
+    from .onnx_export import example_inputs
+    from .runtime_export import runtime_examples
+
+    if spec.kind == "unet_lora":  # banks of batch + 1 slots, random slots and gates per sample
+        return runtime_examples(spec, hw, batch, batch + 1, seed)
+    return example_inputs(spec, hw=hw, batch=batch, seed=seed)
+
+
 def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, torch.Tensor]]:
     """Seeded inputs at two batch sizes and two image sizes of the engine range."""
-    from .onnx_export import example_inputs
-
     lo = engine.min_size
     wide = min(engine.max_size, (lo * 3 // 2) // 8 * 8)
-    return [example_inputs(spec, hw=(lo, lo), batch=1, seed=1), example_inputs(spec, hw=(lo, wide), batch=2, seed=2)]
+    return [_examples(spec, (lo, lo), 1, 1), _examples(spec, (lo, wide), 2, 2)]
 
 
 def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: EngineRange, options: ExportOptions,
@@ -74,14 +81,19 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     ``base_onnx``: the W_init UNet graph variants are derived from; ``base_engine``: its
     ``model.plan``, refitted into a variant's engine (``--runtime tensorrt``), when there is one.
     """
-    from .onnx_export import example_inputs, export_onnx
+    from .onnx_export import export_onnx
     from .onnx_variants import derive_variant
     from .parity import run_parity
 
     # 1. the graph: derived from W_init's, or traced
     spec = specs[job.network]
-    module, params = network_module(nets, baker, job)
-    net = _Baked(module, params).eval()
+    if job.network == "unet_lora":  # W_init + runtime LoRA branches (:mod:`.runtime_network`)
+        from .runtime_network import RuntimeUNetNet
+
+        net, params = RuntimeUNetNet(nets.unet, spec).eval(), {}
+    else:
+        module, params = network_module(nets, baker, job)
+        net = _Baked(module, params).eval()
     target = staging / job.name
     shutil.rmtree(target, ignore_errors=True)
     (target / "1").mkdir(parents=True)
@@ -92,7 +104,7 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
         derive_variant(base_onnx, net.overrides, onnx_path)
         how = "derived"
     else:
-        export_onnx(net, spec, example_inputs(spec, hw=(size, size), batch=2, seed=0), onnx_path)
+        export_onnx(net, spec, _examples(spec, (size, size), 2, 0), onnx_path)
         how = "traced"
     seconds = time.perf_counter() - t0
     # 2. parity with PyTorch
@@ -103,6 +115,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
                           f"> tolerance {tolerance:g}")
     record = {"network": job.network, "key": job.key, "export_seconds": round(seconds, 3), "export": how,
               "parity_max_abs_err": report["max_abs_err"], "parity_tolerance": tolerance}
+    if job.network == "unet_lora":  # not a Triton model (yet): read by the runtime-LoRA runner
+        return record
     # 3. the TensorRT engine
     if options.runtime == "tensorrt":
         record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))

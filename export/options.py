@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the CLI reads the choices here without importing torch
     from craft_ops.aggregate import Variant
 
-__all__ = ["RUNTIMES", "PRECISIONS", "RUNNERS", "ExportError", "ExportOptions", "ModelJob", "ExportReport"]
+__all__ = ["RUNTIMES", "PRECISIONS", "RUNNERS", "LORA_MODES", "ExportError", "ExportOptions", "ModelJob", "ExportReport"]
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 RUNNERS = ("auto", "native", "python")
+LORA_MODES = ("baked", "runtime")
 
 
 class ExportError(ValueError):
@@ -26,7 +27,7 @@ class ExportOptions:
     out: Path
     runtime: str = "onnxruntime"  # or "tensorrt"
     precision: str = "fp32"
-    pairs: str = "all"
+    pairs: str | None = None  # None: "all" in baked mode, "none" (no hot pairs) in runtime mode
     runner: str = "auto"  # "native" | "python" | "auto"
     # TensorRT: keep the UNet variants' ONNX files after their engines are built and checked. By
     # default only W_init's stays (later variants are derived from it): a full-size SDXL variant
@@ -35,6 +36,10 @@ class ExportOptions:
     # Folders every path of the recipe must resolve into (symlinks and ``..`` followed); empty: anywhere
     # the process may read (a recipe is operator configuration, README "Recipes").
     confine_to: tuple[Path, ...] = ()
+    # "baked": every variant an engine (fused weights). "runtime": one runtime-LoRA UNet network per base
+    # whose routed modules take LoRA factors and gates as inputs, plus factor files (README "Runtime LoRA").
+    lora_mode: str = "baked"
+    max_rank: int = 64  # runtime mode: the rank every factor is zero-padded to (a LoRA above it is refused)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -43,6 +48,15 @@ class ExportOptions:
             raise ExportError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.runner not in RUNNERS:
             raise ExportError(f"--runner must be auto, native or python, got {self.runner!r}")
+        if self.lora_mode not in LORA_MODES:
+            raise ExportError(f"--lora-mode must be baked or runtime, got {self.lora_mode!r}")
+        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or not 1 <= self.max_rank <= 1024:
+            raise ExportError(f"--max-rank must be an integer in [1, 1024], got {self.max_rank!r}")
+        if self.lora_mode == "runtime" and self.runtime == "tensorrt":
+            raise ExportError("--lora-mode runtime with --runtime tensorrt is not implemented yet (TensorRT shape "
+                              "profiles for the factor inputs); export with --runtime onnxruntime or --lora-mode baked")
+        if self.pairs is None:
+            object.__setattr__(self, "pairs", "all" if self.lora_mode == "baked" else "none")
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,11 @@ class ExportReport:
     removed: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    loras: dict[str, list[str]] = field(default_factory=dict)  # runtime mode: factor files "written" / "kept"
+    fast_path: bool = False  # runtime mode: LoRAs registered without loading the base (no network rebuilt)
 
     def summary(self) -> dict:
-        return {"built": self.built, "reused": self.reused, "removed": self.removed, "seconds": round(self.seconds, 3)}
+        out = {"built": self.built, "reused": self.reused, "removed": self.removed, "seconds": round(self.seconds, 3)}
+        if self.loras:
+            out.update(loras=self.loras, fast_path=self.fast_path)
+        return out

@@ -39,7 +39,8 @@ from craft_ops.request import Defaults
 from craft_ops.routing import Routing, RoutingError, resolve_routing
 from craft_ops.sampling import MODES, SCHEDULERS
 
-__all__ = ["RecipeError", "LoraSpec", "EngineRange", "Recipe", "load_recipe", "parse_recipe", "ARCH_DEFAULTS"]
+__all__ = ["RecipeError", "LoraSpec", "EngineRange", "Recipe", "load_recipe", "parse_recipe", "recipe_paths",
+           "ARCH_DEFAULTS"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -254,3 +255,10 @@ def _engine_range(path: Path, arch: str, table: Mapping[str, Any], defaults: Def
     if pixels < lo * lo:
         raise _fail(path, "engine.max_pixels", f"{pixels} is less than one image of min_size ({lo} x {lo})")
     return EngineRange(lo, opt, hi, batch, pixels)
+
+
+def recipe_paths(recipe: Recipe) -> list[tuple[str, Path]]:
+    """Every file or folder a recipe names, with its field."""
+    paths = [("recipe", recipe.path), ("base.path", recipe.base)]
+    paths += [(f"base.{k}", p) for k, p in (("backbone", recipe.backbone), ("config", recipe.config)) if p]
+    return paths + [(f"lora {spec.name!r}.path", spec.path) for spec in recipe.loras]

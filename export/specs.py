@@ -48,7 +48,7 @@ __all__ = [
 Dim = Union[int, str]
 
 ARCHES = ("sd15", "sdxl")
-KINDS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder")
+KINDS = ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "unet_lora")  # unet_lora: runtime-LoRA UNet
 
 _ONNX_TO_TRITON = {d.onnx: d.name for d in DTYPES.values()}
 

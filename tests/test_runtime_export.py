@@ -1,0 +1,204 @@
+"""``craft export --lora-mode runtime`` and the runtime-LoRA runner with its LoRA cache (issue 14).
+
+One runtime repository of the tiny SD 1.5 demo recipe (2 content + 2 style LoRAs, rank 4, max
+rank 8) is exported once; the runner (ONNX Runtime + LoRA cache, :mod:`craft_serving.runtime_unet`)
+is checked against the baked variants (Eq. 8 weights in PyTorch, and the repository's own baked
+``unet_base`` engine for the unconditional branch), then a new LoRA is registered on the live
+repository through the CLI.
+
+Tolerance: fp32 on CPU; measured max |runner - baked| ~3e-6 on outputs of magnitude ~2.6; the
+unconditional row equals ``unet_base``'s ONNX output exactly (scale 0 adds exact zeros). Held to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from craft_ops.aggregate import Variant
+
+TOL = 1e-4
+MAX_RANK = 8
+
+
+@pytest.fixture(scope="module")
+def runtime_repo(demo_dir, tmp_path_factory, one_torch_thread):
+    from craft_export.exporter import ExportOptions, export_repository
+
+    out = tmp_path_factory.mktemp("rt_repo") / "repo"
+    report = export_repository(ExportOptions(recipe=demo_dir / "recipe-sd15.toml", out=out, lora_mode="runtime",
+                                             max_rank=MAX_RANK, runner="python"))
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir):
+    """Baked weights of any variant (PyTorch), the UNet wrapper and seeded UNet inputs."""
+    from craft_export.bake import VariantBaker
+    from craft_export.loading import unet_weights
+    from craft_export.network_specs import network_specs
+    from craft_export.networks import UNetNet
+    from craft_export.onnx_export import example_inputs
+    from craft_export.recipe_models import load_recipe_models
+
+    m = load_recipe_models(demo_dir / "recipe-sd15.toml")
+    baker = VariantBaker(unet_weights(m.parts.unet), m.shapes, m.recipe.routing, m.loras.values())
+    spec = network_specs("sd15", m.parts)["unet"]
+    return m, baker, UNetNet(m.parts.unet).eval(), example_inputs(spec, hw=(64, 64), batch=4, seed=9)
+
+
+def _baked(reference, variants, inputs=None, baker=None):
+    m, default_baker, net, x = reference
+    x = inputs or x
+    baker = baker or default_baker
+    with torch.no_grad():
+        return torch.cat([torch.func.functional_call(net, baker.params_for(v, cache=False), (),
+                                                     {k: t[b:b + 1] for k, t in x.items()}, strict=False)
+                          for b, v in enumerate(variants)])
+
+
+def test_runtime_repository_contents(runtime_repo):
+    out, report = runtime_repo
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lora_mode"] == "runtime"
+    rt = manifest["runtime_lora"]
+    assert rt["max_rank"] == MAX_RANK and rt["modules"] > 0
+    assert set(report.built) == {"text_encoder", "vae_decoder", "unet_base", "unet_lora"}
+    # no baked LoRA variant: W_init only (the unconditional branch / hot-pair source)
+    assert [v["model"] for v in manifest["variants"]] == ["unet_base"]
+    assert not [p for p in out.iterdir() if p.name.startswith("unet_c-") or p.name.startswith("unet_s-")]
+    assert manifest["models"]["unet_lora"]["parity_max_abs_err"]["noise_pred"] < TOL
+    for rec in manifest["loras"]:
+        assert (out / rec["factors"]).is_file(), rec
+    assert sorted(report.loras["written"]) == ["bull", "dog", "fire", "watercolor"]
+
+
+def test_runner_equals_baked_variants(runtime_repo, reference):
+    """Different LoRAs, continuous gates and the unconditional branch in ONE call == baked variants."""
+    from craft_export.ort import OrtSession
+    from craft_serving.runtime_unet import RuntimeUNet
+
+    out, _ = runtime_repo
+    x = reference[3]
+    variants = [Variant("dog", 1.0, "watercolor", 1.0), Variant(), Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)]
+    runner = RuntimeUNet(out, threads=1)
+    got = runner(x, variants)
+    assert float((got - _baked(reference, variants)).abs().max()) < TOL
+    w_init = OrtSession(out / "unet_base" / "1" / "model.onnx", threads=1).run_torch(
+        {k: t[1:2] for k, t in x.items()})["noise_pred"]
+    assert torch.equal(got[1:2], w_init)  # unconditional = scale 0 = W_init, exactly
+    assert float((got[0] - got[1]).abs().max()) > 1e-2  # the LoRAs act
+    with pytest.raises(ValueError, match=r"content: unknown LoRA 'nope'"):
+        runner(x, [Variant("nope", 1.0)] + [Variant()] * 3)
+    with pytest.raises(ValueError, match=r"style: 'dog' is a content LoRA"):
+        runner(x, [Variant(style="dog", gamma_s=1.0)] + [Variant()] * 3)
+
+
+@pytest.mark.extended
+def test_lora_cache_lru_and_split_calls(runtime_repo, reference):
+    """A cache of one LoRA per kind: a call with two content LoRAs is split, LRU evicts, results unchanged."""
+    from craft_serving.runtime_unet import RuntimeUNet
+
+    out, _ = runtime_repo
+    runner = RuntimeUNet(out, threads=1, cache_mb=1e-6)  # the minimum: slot 0 + one slot per kind
+    assert runner.cache.capacity == 1
+    variants = [Variant("dog", 1.0), Variant("bull", 1.0, "fire", 1.0), Variant("dog", 0.5, "watercolor", 1.0),
+                Variant()]
+    got = runner(reference[3], variants)
+    assert float((got - _baked(reference, variants)).abs().max()) < TOL
+    assert runner.cache.evictions >= 2
+    assert runner.cache.resident("content") == [("dog", runner.loras["dog"][2])]
+
+
+def test_register_new_lora_without_rebuilding(runtime_repo, reference, demo_dir, tmp_path, capsys):
+    """A new LoRA on a live runtime repository: factor file + manifest only, served on the next call."""
+    from safetensors.torch import save_file
+
+    from craft_cli.app import main
+    from craft_export.bake import VariantBaker
+    from craft_export.loading import unet_weights
+    from craft_export.recipe_models import LoadedLora, load_recipe_models
+    from craft_reference.demo import lora_target_modules, make_lora_state_dict, recipe_text
+    from craft_serving.runtime_unet import RuntimeUNet
+
+    out, _ = runtime_repo
+    m = reference[0]
+    runner = RuntimeUNet(out, threads=1)
+    onnx_stat = (out / "unet_lora" / "1" / "model.onnx").stat()
+    recipe = recipe_text("sd15", root=demo_dir)  # absolute paths: the recipes live in tmp_path
+    for name, rank in (("ink", 6), ("huge", 16)):
+        sd = make_lora_state_dict(m.shapes, lora_target_modules(m.shapes), rank=rank, alpha=rank, seed=rank, fmt="peft")
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    entry = '[[lora]]\nname = "{0}"\nkind = "style"\npath = "{1}/{0}.safetensors"\n\n'
+    head, tail = recipe.split("[defaults]")
+    for name in ("ink", "huge"):
+        (tmp_path / f"recipe-{name}.toml").write_text(head + entry.format(name, tmp_path) + "[defaults]" + tail)
+    args = ["export", "--out", str(out), "--lora-mode", "runtime", "--max-rank", str(MAX_RANK), "--runner", "python",
+            "--json"]
+    # a rank above the network's max rank: refused naming the rank, repository untouched
+    before = (out / "manifest.json").read_bytes()
+    assert main(args + ["--recipe", str(tmp_path / "recipe-huge.toml")]) != 0
+    assert "'huge' has rank 16" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+    t0 = time.perf_counter()
+    assert main(args + ["--recipe", str(tmp_path / "recipe-ink.toml")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["fast_path"] and summary["built"] == [] and summary["loras"]["written"] == ["ink"]
+    variants = [Variant("dog", 1.0, "ink", 1.0), Variant(style="ink", gamma_s=0.5), Variant(), Variant("bull", 1.0)]
+    got = runner(reference[3], variants)  # the same runner: no restart
+    registered_to_served = time.perf_counter() - t0
+    assert (out / "unet_lora" / "1" / "model.onnx").stat().st_mtime_ns == onnx_stat.st_mtime_ns  # not rebuilt
+    manifest = json.loads((out / "manifest.json").read_text())
+    ink = next(r for r in manifest["loras"] if r["name"] == "ink")
+    assert ink["rank"] == 6 and (out / ink["factors"]).is_file()
+    ink_model = load_recipe_models(tmp_path / "recipe-ink.toml").loras["ink"]
+    baker = VariantBaker(unet_weights(m.parts.unet), m.shapes, m.recipe.routing,
+                         [*m.loras.values(), LoadedLora("ink", "style", ink_model.adapter)])
+    assert float((got - _baked(reference, variants, baker=baker)).abs().max()) < TOL
+    print(f"new LoRA registered (in-process CLI) and served in {registered_to_served:.2f} s")
+
+
+@pytest.mark.parametrize("content,style,gamma_c", [("dog", "watercolor", 0.6),
+                                                   pytest.param(None, None, None, marks=pytest.mark.extended)])
+def test_image_runtime_equals_baked(runtime_repo, ref_pipes, content, style, gamma_c):
+    """The time-gated ACFG loop on the runtime repository (cond + uncond as ONE batch-2 call per step,
+    a continuous gamma_c) gives the baked reference image within 1/255; without LoRAs every call
+    runs on the repository's baked ``unet_base`` and the runtime network is never called."""
+    import numpy as np
+
+    from craft_export.ort import OrtSession
+    from craft_ops.aggregate import BASE
+    from craft_ops.conditioning import run_plan
+    from craft_ops.request import GenerateRequest
+    from craft_serving.runtime_denoise import RoutedDenoiser
+    from craft_serving.runtime_unet import RuntimeUNet
+
+    out, _ = runtime_repo
+    ref = ref_pipes["sd15"]
+    prompt = "a dog <c> in watercolor style <s>" if content else "a dog"
+    request = GenerateRequest(prompts=(prompt,), content=content, style=style, seed=3, gamma_c=gamma_c,
+                              height=64, width=64)
+    want = ref.generate(request)
+    runner, base = RuntimeUNet(out, threads=1), OrtSession(out / "unet_base" / "1" / "model.onnx", threads=1)
+    batches = []
+
+    def runtime(inputs, variants):
+        batches.append([str(v) for v in variants])
+        return runner(inputs, variants)
+
+    denoise = RoutedDenoiser(runtime, lambda v: (lambda x: base.run_torch(x)["noise_pred"]) if v == BASE else None)
+    plan = ref.plan(request)
+    scale = ref.parts.latent_scale
+    got = run_plan(plan, ref.encode, denoise, ref.decode, (4, plan.height // scale, plan.width // scale),
+                   ref.parts.scheduler_config, force_zeros_for_empty_prompt=ref.force_zeros_for_empty_prompt)
+    assert got.shape == want.shape
+    assert int(np.abs(got.astype(np.int16) - want.astype(np.int16)).max()) <= 1
+    if content:
+        steps = plan.groups[0].config.steps
+        assert len(batches) == steps and all(len(b) == 2 and b[1] == "W_init" for b in batches)
+        assert "c=dog@0.6" in batches[0][0]
+    else:
+        assert batches == []
