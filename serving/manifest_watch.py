@@ -29,17 +29,23 @@ def stamp_of(repo: Path) -> Stamp:
     return stat.st_mtime_ns, stat.st_ino
 
 
-def load_missing(pb, view: RepoView) -> None:
+def load_missing(pb, view: RepoView, keys=None) -> None:
     """Load the manifest's networks the server has not loaded yet (explicit model control, through
     Triton's in-process API, which the admin-key restriction of the endpoints does not cover).
 
-    A model that does not load rejects the whole manifest (:class:`ManifestError`).
+    A model that does not load rejects the whole manifest (:class:`ManifestError`). With ``keys``
+    (:class:`.model_keys.LoadedKeys`) a loaded model whose folder a re-export rebuilt under the same
+    name is loaded again.
     """
     failed = []
     for name in sorted(set(view.variants.values()) | set(view.networks.values())):
         try:
             if not pb.is_model_ready(model_name=name):
                 pb.load_model(model_name=name)
+                if keys is not None:
+                    keys.note([name])
+            elif keys is not None:
+                keys.reload_if_rebuilt(pb, name)
         except Exception as exc:  # noqa: BLE001 - Triton raises its own exception types here
             failed.append(f"{name} ({exc})")
     if failed:

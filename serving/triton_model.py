@@ -36,6 +36,7 @@ from craft_ops.request import RequestError
 from .batching import run_batched
 from .manifest import read_manifest
 from .manifest_watch import ManifestWatch, load_missing, stamp_of
+from .model_keys import LoadedKeys
 from .runtime import Cancelled, NetCall, PipelineRuntime, request_from_arrays
 from .shutdown import SHUTTING_DOWN, DrainGate
 
@@ -122,6 +123,8 @@ class PipelineModel:
         self.gate = DrainGate(self.settings.model_name)  # craft serve's graceful stop (:mod:`.shutdown`)
         self.watch = ManifestWatch(repo, PipelineRuntime(view, self._infer_many, self.settings.device), stamp,
                                    self.log.log_warn)
+        self.keys = LoadedKeys(repo)  # models a re-export rebuilds under the same name are reloaded
+        self.keys.note(sorted(set(view.variants.values()) | set(view.networks.values())))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_gpu = self.settings.device != "cpu"
         self._bls_extra = {}
@@ -139,7 +142,7 @@ class PipelineModel:
 
     def _runtime_for(self, view) -> PipelineRuntime:
         """A new manifest's runtime, after loading the models it adds (a model that fails rejects it)."""
-        load_missing(self.pb, view)
+        load_missing(self.pb, view, self.keys)
         runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
         self.log.log_info(f"craft: manifest reloaded: {len(view.catalog)} LoRAs, "
                           f"{len(set(view.variants.values()))} UNet models")

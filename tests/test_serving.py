@@ -358,6 +358,35 @@ def test_new_lora_servable_without_restart(served, demo_dir):
     assert _close(got, ref)
 
 
+def test_model_rebuilt_under_the_same_name_is_reloaded(served, demo_dir, tmp_path):
+    """A LoRA file replaced under the same LoRA name (new weights, no other LoRA's) rebuilds its models
+    under their old names: the running server loads them again (serving/model_keys.py) instead of
+    serving the old weights."""
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    s = served["sd15"]
+    prompt, kw = "a dog <c> in watercolor style <s>", dict(content="dog", style="watercolor")
+    with s.client() as client:
+        before = client.generate(prompt, **_fields(**kw)).images
+    text = _recipe(demo_dir, "sd15", ["dog", "bull", "watercolor", "fire"])
+    dog = re.search(r'name = "dog"\s*\n(?:\w+ = .*\n)*?path = "([^"]+)"', text).group(1)
+    with safe_open(dog, "pt") as f:  # the same LoRA, twice as strong: a file no other LoRA shares
+        tensors, meta = {k: f.get_tensor(k) * 1.5 for k in f.keys()}, f.metadata()
+    save_file(tensors, str(tmp_path / "dog2.safetensors"), metadata=meta)
+    s.recipe.write_text(text.replace(dog, str(tmp_path / "dog2.safetensors")))
+    r = subprocess.run([CRAFT, "export", "--recipe", str(s.recipe), "--out", str(s.repo), "--runner", "python", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    with s.client() as client:
+        after = client.generate(prompt, **_fields(**kw))
+    assert after.manifest == _file_id(s.repo)
+    ref = _local(s.recipe, prompt, **kw)
+    assert _close(after.images, ref) and not _close(before, ref)
+
+
 def _local(recipe, prompt, **kw):
     from craft_export.recipe import load_recipe
     from craft_reference.pipeline import ReferencePipeline
