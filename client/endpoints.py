@@ -1,7 +1,8 @@
 """Several server endpoints behind one client: round-robin, and failover when a replica is gone.
 
 A call starts on the next endpoint in turn. When the endpoint cannot be reached or stops
-answering (connection refused or reset, gRPC ``UNAVAILABLE``, HTTP 502/503/504) the call moves
+answering (connection refused or reset, gRPC ``UNAVAILABLE``, HTTP 502/503/504, a model that is
+being reloaded and so "has no available versions") the call moves
 on to the next endpoint, up to a bounded number of retries, with a short backoff once every
 endpoint has been tried. Nothing else is retried: a refused request (``INVALID_ARG``: a field
 the server rejects) fails at once, on any endpoint, and so does a streamed request that has
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 __all__ = ["parse_endpoints", "is_unavailable", "RetryPolicy", "Rotation"]
 
 _UNAVAILABLE_STATUS = {"StatusCode.UNAVAILABLE", "502", "503", "504"}
+_NO_VERSIONS = "has no available versions"
 
 
 def parse_endpoints(url: str | Sequence[str]) -> tuple[str, ...]:
@@ -53,7 +55,11 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "status", None)
     status = status() if callable(status) else status
-    return str(status) in _UNAVAILABLE_STATUS
+    if str(status) in _UNAVAILABLE_STATUS:
+        return True
+    # a model between an unload and its load (craft serve's stub watchdog reloading the pipeline):
+    # Triton answers "unknown model ... has no available versions", which passes on another replica
+    return _NO_VERSIONS in str(exc)
 
 
 @dataclass(frozen=True)

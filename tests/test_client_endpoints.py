@@ -45,6 +45,12 @@ def test_what_counts_as_unavailable():
     assert is_unavailable(InferenceServerException("gone", status="StatusCode.UNAVAILABLE"))
     assert is_unavailable(InferenceServerException("proxy", status="503"))
     assert not is_unavailable(InferenceServerException("steps: bad", status="StatusCode.INVALID_ARGUMENT"))
+    # the pipeline model between the watchdog's unload and load: another replica can serve the call
+    reloading = "Request for unknown model: 'craft_pipeline' has no available versions"
+    assert is_unavailable(InferenceServerException(reloading, status="StatusCode.NOT_FOUND"))
+    assert is_unavailable(InferenceServerException(reloading, status="400"))
+    assert not is_unavailable(InferenceServerException("Request for unknown model: 'craft_x' is not found",
+                                                       status="StatusCode.NOT_FOUND"))
     assert not is_unavailable(InferenceServerException("steps: bad", status="400"))
     assert not is_unavailable(InferenceServerException("boom", status="StatusCode.INTERNAL"))
 
