@@ -85,8 +85,9 @@ def test_kill_pipeline_stub_under_concurrent_clients(server):
     before = _solo(server, *plain)
     with ThreadPoolExecutor(4) as pool:  # every instance warm, so each request is sampling at the kill
         list(pool.map(lambda i: _solo(server, PLAIN[0], _fields(seed=i, steps=1)), range(4)))
-    jobs = [(PLAIN[0], _fields(seed=60 + i, steps=30), False) for i in range(4)]
-    report = kill_stub_under_load(server, "craft_pipeline_0_1", jobs, probe=plain, in_flight_after=2.0,
+    # long enough to be in flight at the kill on an idle machine too (30 steps finished within the 2 s)
+    jobs = [(PLAIN[0], _fields(seed=60 + i, steps=600), False) for i in range(4)]
+    report = kill_stub_under_load(server, "craft_pipeline_0_1", jobs, probe=plain, in_flight_after=1.5,
                                   timeout=STUB_BACK_BOUND_S * 2)
     _assert_back(server, report, "craft_pipeline")
     failed = [out for out in report.outcomes if out.error is not None]
