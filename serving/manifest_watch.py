@@ -43,7 +43,7 @@ def load_missing(pb, view: RepoView, keys=None) -> None:
             if not pb.is_model_ready(model_name=name):
                 pb.load_model(model_name=name)
                 if keys is not None:
-                    keys.note([name])
+                    keys.loaded(name)
             elif keys is not None:
                 keys.reload_if_rebuilt(pb, name)
         except Exception as exc:  # noqa: BLE001 - Triton raises its own exception types here

@@ -77,6 +77,13 @@ class LoadedKeys:
                 if key is not None and self._recorded(name) is None:
                     self._record(name, key)
 
+    def loaded(self, name: str) -> None:
+        """``name`` was just loaded from its folder as it is now."""
+        key = folder_key(self.repo / name)
+        if key is not None:
+            with self._locked():
+                self._record(name, key)
+
     def reload_if_rebuilt(self, pb, name: str) -> bool:
         """Load ``name`` again if its folder's key is not the one it was loaded with; True if it was."""
         key = folder_key(self.repo / name)
