@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CRAFT  := $(VENV)/bin/craft
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo-assets
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=40
 # checkov (tests/test_deploy.py) lives in its own venv: its pins (packaging<24, networkx<2.7,
 # boto3==...) conflict with the project's. A CLI only; nothing imports it.
 CHECKOV_VENV := .venv-checkov
