@@ -150,6 +150,7 @@ def _export_json(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedPr
                            *extra], capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.extended  # ~80 s; .ci/run runs it (make test-extended)
 def test_incremental_reexport(demo_dir, tmp_path):
     recipe = write_recipe(demo_dir, "sd15", ["dog", "watercolor"], tmp_path / "r.toml")
     repo = tmp_path / "repo"

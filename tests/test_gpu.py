@@ -66,6 +66,7 @@ def test_trt_runner_imports_without_tensorrt_and_bench_skips_without_gpu(tmp_pat
     assert after == before
 
 
+@pytest.mark.extended  # ~35 s; .ci/run runs it (make test-extended)
 def test_gpu_bench_dry_run_on_tiny_models_exercises_the_torch_paths(tmp_path):
     # --tiny: the benchmark's PyTorch paths (UNet step timing and FLOP count, whole ACFG / CFG images
     # through craft_ops.sampling, the diffusers PEFT baseline where peft is installed) on CPU tiny

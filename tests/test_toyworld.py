@@ -187,6 +187,7 @@ def test_demo_assets_recipe_generates_locally(tmp_path):
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
 
 
+@pytest.mark.extended  # ~50 s; .ci/run runs it (make test-extended)
 def test_train_command_runs_end_to_end_quick(tmp_path, capsys):
     """``craft toyworld train --quick``: every stage for a few steps (a smoke test of the command, not a model)."""
     assert craft(["toyworld", "train", "--out", str(tmp_path), "--quick"]) == 0
