@@ -2,10 +2,11 @@
 
 They are trained on the renderer's ground truth over *all* shapes and styles (held-out ones
 included), never on model outputs. So that they judge the slightly blurry, slightly off-colour
-images of a small diffusion model fairly, every training image goes through random
-degradations: a Gaussian blur (sigma up to 1.5 px), pixel noise, a random channel permutation
-and per-channel gain (colour is neither a shape nor a style), and, when a VAE is given, its
-encode-decode round trip for half of the pool (the decoder's own artefacts).
+images of a small diffusion model fairly, training images go through random degradations
+(:func:`degrade`): for half of them a darker object on a tinted background, then a Gaussian blur
+(sigma up to 1.5 px), pixel noise, a random channel permutation and per-channel gain (colour is
+neither a shape nor a style); 1 in 8 stay exactly as rendered. When a VAE is given, its
+encode-decode round trip of half of the pool joins the pool (the decoder's own artefacts).
 
 Scores (per image): content score = the shape judge's probability of the target shape,
 style score = the style judge's probability of the target style; the CLIP-I analogue is the
