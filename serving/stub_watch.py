@@ -220,6 +220,8 @@ class StubWatch:
                     f"(reload {len(deaths)} of at most {self.policy.max_reloads} within {self.policy.window:g} s)")
         self.run_dir.mark_broken(model, f"its stub process {which} died; craft serve is reloading it, "
                                         "retry in a few seconds")
+        for stub in stubs:  # its requests died with it: a later SIGTERM must not wait for them
+            self.run_dir.forget_inflight(model, stub.pid)
         try:
             self.control.unload(model)
             self.control.load(model, self.policy.load_timeout)
