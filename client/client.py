@@ -8,7 +8,8 @@
 Server-side errors (an unknown LoRA, a size out of range...) raise :class:`CraftServerError`
 with the server's message, which names the field and the value. A server that cannot be reached
 (nothing listening, the other protocol's port, a connection cut) raises
-:class:`CraftConnectionError` (a :class:`CraftServerError`) naming the address and the protocol.
+:class:`CraftConnectionError` (a :class:`CraftServerError`) naming the address and the protocol. A stream that goes silent
+far longer than its steps take raises :class:`StreamStalled` (:mod:`craft_client.stall`).
 Several replicas:
 
     client = CraftClient("10.0.0.1:8001,10.0.0.2:8001,10.0.0.3:8001")   # or a list
@@ -32,37 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from .endpoints import RetryPolicy, Rotation, is_unavailable, parse_endpoints
+from .endpoints import RetryPolicy, Rotation, parse_endpoints
+from .errors import CraftConnectionError, CraftServerError, StreamStalled, retryable as _retryable, wrap as _wrap
 from .schema import CATALOG_MODEL, DTYPES, PIPELINE_MODEL, REQUEST_INPUTS, STREAM_MODEL
+from .stall import StallClock, StallPolicy
 
-__all__ = ["CraftServerError", "CraftConnectionError", "GenerateResult", "Progress", "CraftClient", "AsyncCraftClient",
-           "build_request"]
+__all__ = ["CraftServerError", "CraftConnectionError", "StreamStalled", "GenerateResult", "Progress", "CraftClient",
+           "AsyncCraftClient", "build_request"]
 
 PROTOCOLS = ("grpc", "http")
-
-
-class CraftServerError(RuntimeError):
-    """The server refused or failed a request; ``status`` is the protocol's status text."""
-
-    def __init__(self, message: str, status: str | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class CraftConnectionError(CraftServerError):
-    """No answer from a craft server at the address (``status`` is ``"UNREACHABLE"``)."""
-
-    def __init__(self, url: str, protocol: str, reason: str):
-        port = "HTTP (8000 by default)" if protocol == "http" else "gRPC (8001 by default)"
-        super().__init__(f"could not reach a server at {url} over {protocol}: {reason}; check that craft serve "
-                         f"is running there and that {url} is its {port} port", "UNREACHABLE")
-        self.url, self.protocol, self.reason = url, protocol, reason
-        self.endpoints: tuple[str, ...] = (url,)
-
-
-#: gRPC messages of a channel that never reached a server (as opposed to a server's UNAVAILABLE answer)
-_GRPC_UNREACHED = ("failed to connect", "connection refused", "socket closed", "connections to all backends failing",
-                   "dns resolution failed", "connection reset", "http1.x", "name resolution", "no route to host")
 
 
 @dataclass(frozen=True)
@@ -173,34 +152,14 @@ def _catalog(response) -> dict:
     return json.loads(response.as_numpy("catalog")[0])
 
 
-def _wrap(exc: BaseException, url: str, protocol: str) -> CraftServerError:
-    """A tritonclient (or socket) exception as :class:`CraftServerError` / :class:`CraftConnectionError`."""
-    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    status = exc.status() if hasattr(exc, "status") and callable(exc.status) else None
-    if protocol == "http" and not hasattr(exc, "status"):  # a socket or HTTP parser error: no server answered
-        reason = {ConnectionRefusedError: "connection refused (nothing listens there)"}.get(type(exc))
-        if reason is None and isinstance(exc, http.client.HTTPException):
-            reason = "the answer is not HTTP (is it the gRPC port?)"
-        return CraftConnectionError(url, protocol, reason or f"{type(exc).__name__}: {message or exc}")
-    if protocol == "grpc" and "UNAVAILABLE" in str(status) and any(m in message.lower() for m in _GRPC_UNREACHED):
-        reason = message.split(": ", 1)[-1] if message.startswith("failed to connect") else message
-        if "socket closed" in message.lower() or "http1.x" in message.lower():
-            reason += " (is it the HTTP port?)"
-        return CraftConnectionError(url, protocol, reason)
-    return CraftServerError(message or str(exc), status)
-
-
-def _retryable(exc: BaseException, wrapped: CraftServerError) -> bool:
-    """Worth another endpoint: unreachable, cut off, or answering UNAVAILABLE (draining)."""
-    return isinstance(wrapped, CraftConnectionError) or is_unavailable(exc)
-
-
 class _Base:
     """What both clients share: endpoints, protocol, model names, timeout, request tensors."""
 
     def __init__(self, url: str | Sequence[str], protocol: str, model: str, stream_model: str,
-                 timeout: float | None, aio: bool, retry: RetryPolicy | None = None):
+                 timeout: float | None, aio: bool, retry: RetryPolicy | None = None,
+                 stall: StallPolicy | None = StallPolicy()):
         self.mod, self._exc = _modules(protocol, aio=aio)
+        self.stall = stall
         self._caught = (*self._exc, OSError)
         self.protocol = protocol
         self.model = model
@@ -280,11 +239,13 @@ class CraftClient(_Base):
     ``url``: ``HOST:PORT``, or several (a list or comma-separated) for replicas of one
     repository. ``timeout`` (seconds) bounds every call (gRPC) or the connection (HTTP; default
     600). ``retry`` bounds the failover between endpoints (default: each other endpoint once).
+    ``stall`` bounds the silence of a stream (:mod:`craft_client.stall`; None: only ``timeout``).
     """
 
     def __init__(self, url: str | Sequence[str], protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
-                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None):
-        super().__init__(url, protocol, model, stream_model, timeout, aio=False, retry=retry)
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None,
+                 stall: StallPolicy | None = StallPolicy()):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=False, retry=retry, stall=stall)
 
     def ready(self) -> bool:
         """True when at least one endpoint is ready to serve the pipeline."""
@@ -306,7 +267,8 @@ class CraftClient(_Base):
         """Progress messages from ``craft_pipeline_stream`` (gRPC), the last one carrying the result.
 
         Setting ``cancel`` stops the stream and cancels the work on the server. A stream moves
-        to another endpoint only while nothing has arrived from the one it started on.
+        to another endpoint only while nothing has arrived from the one it started on, or when it
+        stalled there (:class:`StreamStalled`; it starts over on the next one, from step 1).
         """
         self._check_stream()
         inputs = _inputs(self.mod, build_request(prompt, **fields))
@@ -315,17 +277,20 @@ class CraftClient(_Base):
             time.sleep(pause)
             started = False
             try:
-                for event in self._stream_once(self.clients[i], inputs, cancel):
+                for event in self._stream_once(i, inputs, cancel):
                     started = True
                     yield event
                 return
+            except StreamStalled as exc:
+                failures.append((self.urls[i], exc, None))
             except self._caught as exc:
                 if started:
                     raise _wrap(exc, self.urls[i], self.protocol) from exc
                 self._failed(exc, i, failures)
         raise self._give_up(failures) from failures[-1][2]
 
-    def _stream_once(self, client, inputs, cancel: threading.Event | None) -> Iterator[Progress]:
+    def _stream_once(self, i: int, inputs, cancel: threading.Event | None) -> Iterator[Progress]:
+        client, clock, done = self.clients[i], StallClock(self.stall, self.stream_model, self.urls[i]), False
         events: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: events.put((result, error)), stream_timeout=self.timeout)
         try:
@@ -333,18 +298,25 @@ class CraftClient(_Base):
             while True:
                 if cancel is not None and cancel.is_set():
                     return
+                left, t = clock.remaining(), time.monotonic()
+                if left is not None and left <= 0:
+                    raise clock.error()
                 try:
-                    result, error = events.get(timeout=0.1)
+                    result, error = events.get(timeout=0.1 if left is None else min(0.1, left))
                 except queue.Empty:
                     continue
+                finally:
+                    clock.waited(time.monotonic() - t)
                 if error is not None:
                     raise error
                 event = _event(result)
+                clock.message(event.step, event.total)
                 yield event
                 if event.result is not None:
+                    done = True
                     return
-        finally:
-            client.stop_stream(cancel_requests=cancel is not None and cancel.is_set())
+        finally:  # anything but the result (cancel, a stall, an error, the caller leaving): cancel on the server
+            client.stop_stream(cancel_requests=not done)
 
     def catalog(self) -> dict:
         """The served LoRAs, pairs, defaults and limits."""
@@ -367,8 +339,9 @@ class AsyncCraftClient(_Base):
     :class:`CraftClient`, awaited (``stream`` is an async iterator)."""
 
     def __init__(self, url: str | Sequence[str], protocol: str = "grpc", *, model: str = PIPELINE_MODEL,
-                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None):
-        super().__init__(url, protocol, model, stream_model, timeout, aio=True, retry=retry)
+                 stream_model: str = STREAM_MODEL, timeout: float | None = None, retry: RetryPolicy | None = None,
+                 stall: StallPolicy | None = StallPolicy()):
+        super().__init__(url, protocol, model, stream_model, timeout, aio=True, retry=retry, stall=stall)
 
     async def ready(self) -> bool:
         """True when at least one endpoint is ready to serve the pipeline."""
@@ -390,6 +363,7 @@ class AsyncCraftClient(_Base):
         """Progress messages from ``craft_pipeline_stream`` (gRPC), the last one carrying the result.
 
         Setting ``cancel`` (or leaving the loop early) stops the stream and cancels the work on the server.
+        A stream that stalls (:class:`StreamStalled`) starts over on the next endpoint, if any.
         """
         self._check_stream()
         inputs = _inputs(self.mod, build_request(prompt, **fields))
@@ -398,28 +372,41 @@ class AsyncCraftClient(_Base):
             await asyncio.sleep(pause)
             started = False
             try:
-                async for event in self._stream_once(self.clients[i], inputs, cancel):
+                async for event in self._stream_once(i, inputs, cancel):
                     started = True
                     yield event
                 return
+            except StreamStalled as exc:
+                failures.append((self.urls[i], exc, None))
             except self._caught as exc:
                 if started:
                     raise _wrap(exc, self.urls[i], self.protocol) from exc
                 self._failed(exc, i, failures)
         raise self._give_up(failures) from failures[-1][2]
 
-    async def _stream_once(self, client, inputs, cancel: asyncio.Event | None) -> AsyncIterator[Progress]:
+    async def _stream_once(self, i: int, inputs, cancel: asyncio.Event | None) -> AsyncIterator[Progress]:
         async def requests():
             yield {"model_name": self.stream_model, "inputs": inputs}
 
-        responses = client.stream_infer(requests(), stream_timeout=self.timeout)
+        clock = StallClock(self.stall, self.stream_model, self.urls[i])
+        responses = self.clients[i].stream_infer(requests(), stream_timeout=self.timeout)
         try:
-            async for result, error in responses:
+            while True:
+                left, t = clock.remaining(), time.monotonic()
+                try:
+                    result, error = await asyncio.wait_for(responses.__anext__(), None if left is None else max(left, 0))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    clock.waited(time.monotonic() - t)
+                    raise clock.error() from None
+                clock.waited(time.monotonic() - t)
                 if cancel is not None and cancel.is_set():
                     return
                 if error is not None:
                     raise error
                 event = _event(result)
+                clock.message(event.step, event.total)
                 yield event
                 if event.result is not None:
                     return

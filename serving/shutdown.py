@@ -14,7 +14,8 @@ travels in ``$CRAFT_RUN_DIR``, which tritonserver's stub processes inherit):
   (atomically) when one starts or ends; craft serve waits for their sum to reach 0, at most the
   grace period, and only then stops tritonserver.
 
-A stub that died without cleaning up leaves a stale count: the grace period bounds that wait too.
+A stub that died without cleaning up leaves a stale count: the stub watchdog removes it when it
+sees the stub gone (:meth:`RunDir.forget_inflight`), and the grace period bounds that wait too.
 
 The same folder carries ``broken/<model>``: written by craft serve's stub watchdog
 (:mod:`.stub_watch`) while it reloads a model whose stub process died, holding the reason. A
@@ -73,6 +74,11 @@ class RunDir:
             except (OSError, ValueError):  # a file being replaced; the next poll reads it
                 continue
         return total
+
+    def forget_inflight(self, model: str, pid: int) -> None:
+        """Drop the count of a stub process that died (its requests died with it), so that a later
+        SIGTERM does not wait the whole grace period for them."""
+        (self.path / INFLIGHT / f"{model}-{pid}").unlink(missing_ok=True)
 
     def wait_drained(self, grace: float, interrupt: threading.Event | None = None, poll: float = 0.1) -> tuple[bool, float]:
         """Wait until nothing is in flight (True) or ``grace`` seconds pass / ``interrupt`` is set (False)."""

@@ -24,8 +24,10 @@ What it does, every ``poll`` seconds (a scan of ``/proc``, no request to the ser
   (and liveness) fail and the supervisor's restart count shows the loop.
 
 Not solved here: the streams in flight on a dead *decoupled* stub (``craft_pipeline_stream``);
-Triton 2.51 never ends them (they run into the client's deadline) and the old instance never
-finishes unloading. The reload still brings the model back for new streams.
+Triton 2.51 never ends them, and nothing outside tritonserver can. The client ends them: a stream
+silent for longer than its stall bound fails with ``StreamStalled`` naming the model and the
+address, is cancelled, and fails over (:mod:`craft_client.stall`). The reload brings the model back
+for new streams.
 """
 
 from __future__ import annotations
@@ -218,6 +220,8 @@ class StubWatch:
                     f"(reload {len(deaths)} of at most {self.policy.max_reloads} within {self.policy.window:g} s)")
         self.run_dir.mark_broken(model, f"its stub process {which} died; craft serve is reloading it, "
                                         "retry in a few seconds")
+        for stub in stubs:  # its requests died with it: a later SIGTERM must not wait for them
+            self.run_dir.forget_inflight(model, stub.pid)
         try:
             self.control.unload(model)
             self.control.load(model, self.policy.load_timeout)

@@ -6,6 +6,7 @@ Shared by the short default-suite test (``test_serving.py``) and the extended on
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 
-from craft_client import CraftClient
+from craft_client import AsyncCraftClient, CraftClient
 from craft_serving.stub_watch import stubs_of
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -74,10 +75,11 @@ class KillReport:
         return next((t for t, srv, mod in self.readiness if t > gone and srv == 200 and mod == 200), None)
 
 
-def kill_stub_under_load(served, instance: str, jobs: list[tuple[str, dict, bool]], *,
+def kill_stub_under_load(served, instance: str, jobs: list[tuple], *,
                          probe: tuple[str, dict] | None = None, in_flight_after: float = 1.0,
                          timeout: float = 240.0) -> KillReport:
-    """Start one gRPC client per job (``(prompt, fields, stream)``), kill ``instance``'s stub once every
+    """Start one gRPC client per job (``(prompt, fields, stream[, opts])``; ``opts``: the client's ``url``,
+    its other keywords, ``aio=True``: a streaming AsyncCraftClient), kill ``instance``'s stub once every
     request is in flight (streams: each has had its first progress message; unary ones: sent
     ``in_flight_after`` seconds before), and sample readiness until the model is back. ``probe``: a
     unary request sent when readiness first says "not ready"."""
@@ -90,10 +92,13 @@ def kill_stub_under_load(served, instance: str, jobs: list[tuple[str, dict, bool
     def since() -> float:
         return time.monotonic() - t0[0] if t0[0] is not None else -1.0
 
-    def run(i: int, prompt: str, fields: dict, stream: bool) -> None:
-        out = outcomes[i]
+    def run(i: int, prompt: str, fields: dict, stream: bool, opts: dict | None = None) -> None:
+        out, opts = outcomes[i], dict(opts or {})
         try:
-            with CraftClient(served.grpc, timeout=timeout) as client:
+            if opts.pop("aio", False):
+                asyncio.run(_astream(served, prompt, fields, opts, out, started, timeout))
+                return
+            with CraftClient(opts.pop("url", served.grpc), timeout=timeout, **opts) as client:
                 if stream:
                     first = True
                     for event in client.stream(prompt, **fields):
@@ -118,7 +123,7 @@ def kill_stub_under_load(served, instance: str, jobs: list[tuple[str, dict, bool
         started.wait(timeout)
     except threading.BrokenBarrierError:
         raise AssertionError(f"a request failed before the kill: {[o.error for o in outcomes if o.error]}") from None
-    if not all(stream for *_, stream in jobs):
+    if not all(job[2] for job in jobs):
         time.sleep(in_flight_after)
     t0[0] = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -147,3 +152,15 @@ def _probe(served, request: tuple[str, dict], out: Outcome, since, timeout: floa
         out.error = exc
     finally:
         out.ended = since()
+
+
+async def _astream(served, prompt: str, fields: dict, opts: dict, out: Outcome, started: threading.Barrier,
+                   timeout: float) -> None:
+    async with AsyncCraftClient(opts.pop("url", served.grpc), timeout=timeout, **opts) as client:
+        first = True
+        async for event in client.stream(prompt, **fields):
+            if first:
+                await asyncio.to_thread(started.wait, timeout)
+                first = False
+            if event.result is not None:
+                out.images = event.result.images

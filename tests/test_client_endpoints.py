@@ -122,3 +122,37 @@ def test_real_closed_port_is_reported_as_unreachable(protocol):
 def test_comma_separated_url():
     client = CraftClient("127.0.0.1:1,127.0.0.1:2")
     assert client.urls == ("127.0.0.1:1", "127.0.0.1:2") and client.url == "127.0.0.1:1,127.0.0.1:2"
+
+
+def test_stall_bound_follows_the_stream_and_names_model_and_address():
+    """The silence bound: none (or first_s) before the first message, then max(floor, factor x longest gap);
+    only time spent waiting for the server counts as silence."""
+    from craft_client import StallPolicy, StreamStalled
+    from craft_client.stall import StallClock
+
+    clock = StallClock(StallPolicy(floor_s=5.0, factor=10.0), "craft_pipeline_stream", "h:8001")
+    clock.waited(300.0)
+    assert clock.remaining() is None  # queueing for the first message: only the call's timeout
+    clock.message(1, 50)
+    assert clock.remaining() == 5.0  # no gap seen yet: the floor
+    for _ in range(3):
+        clock.waited(0.2)
+        clock.message(clock.step + 1, 50)
+    clock.waited(1.0)  # one slow step: the bound grows to 10 x 1.0 s
+    clock.message(5, 50)
+    assert clock.remaining() == pytest.approx(10.0)
+    clock.waited(10.5)
+    assert clock.remaining() < 0
+    err = clock.error()
+    assert isinstance(err, StreamStalled) and isinstance(err, CraftServerError) and err.status == "STALLED"
+    assert "craft_pipeline_stream at h:8001" in str(err) and "after step 5 of 50" in str(err), str(err)
+    assert err.silent == pytest.approx(10.5) and err.bound == pytest.approx(10.0)
+
+    first = StallClock(StallPolicy(first_s=30.0), "m", "h:1")
+    assert first.remaining() == 30.0
+    first.waited(31.0)
+    assert "before its first message" in str(first.error())
+    assert StallClock(None, "m", "h:1").remaining() is None  # stall=None: no bound at all
+    for bad in (dict(floor_s=0), dict(factor=0.5), dict(first_s=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            StallPolicy(**bad)

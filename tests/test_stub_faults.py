@@ -103,6 +103,39 @@ def test_kill_pipeline_stub_under_concurrent_clients(server):
     assert np.array_equal(_solo(server, *plain), before)
 
 
+def test_kill_stream_stub_mid_stream(server):
+    """kill -9 of craft_pipeline_stream's only stub under 3 streams. Triton never ends them, so each
+    client ends them: a sync and an async stream on one endpoint fail with StreamStalled naming the model
+    and the address once silent for their stall bound (max(10 s, 10 x the longest gap between their
+    messages)); a stream with two endpoints (two names of the same server) starts over on the other
+    one and, once the watchdog has reloaded the model, finishes with the image of the same request run
+    alone. A later stream succeeds."""
+    from craft_client import RetryPolicy, StreamStalled
+
+    host, port = server.grpc.rsplit(":", 1)
+    failover = dict(url=[server.grpc, f"localhost:{port}"], retry=RetryPolicy(retries=100, backoff_s=0.5))
+    jobs = [(PLAIN[0], _fields(seed=70, steps=600), True), (PLAIN[0], _fields(seed=71, steps=600), True, {"aio": True}),
+            (PLAIN[0], _fields(seed=72, steps=30), True, failover)]
+    report = kill_stub_under_load(server, "craft_pipeline_stream_0_0", jobs, timeout=STUB_BACK_BOUND_S * 2)
+    _assert_back(server, report, "craft_pipeline_stream")
+    for out in report.outcomes[:2]:
+        err = out.error
+        assert isinstance(err, StreamStalled), err
+        assert f"craft_pipeline_stream at {server.grpc}" in str(err) and err.status == "STALLED", err
+        assert err.bound >= 10.0 and err.silent >= err.bound, err
+        assert out.ended <= err.bound + 2.0, (out.ended, str(err))  # silence counts from the last message
+    assert report.outcomes[2].error is None, report.outcomes[2].error
+    print(f"\nstream stub kill: stalled streams ended {[round(o.ended, 1) for o in report.outcomes[:2]]} s after the "
+          f"kill (bounds {[round(o.error.bound, 1) for o in report.outcomes[:2]]} s); not ready at "
+          f"{report.not_ready_at:.1f} s, ready again at {report.ready_again_at:.1f} s; the failover stream finished "
+          f"{report.outcomes[2].ended:.1f} s after the kill")  # the README figures (pytest -s)
+    assert np.array_equal(report.outcomes[2].images, _solo(server, PLAIN[0], _fields(seed=72, steps=30)))
+    with server.client() as client:
+        events = list(client.stream(PLAIN[0], **_fields(seed=73, steps=3)))
+    assert [e.step for e in events if e.result is None] == [1, 2, 3]
+    assert np.array_equal(events[-1].result.images, _solo(server, PLAIN[0], _fields(seed=73, steps=3)))
+
+
 def test_a_model_that_keeps_dying_stops_craft_serve(server):
     """--max-stub-reloads 1: the second death of unet_c-dog within 10 minutes is not reloaded; craft serve
     logs why and exits 1 (readiness and liveness fail; a supervisor's restart count shows the loop)."""

@@ -89,10 +89,13 @@ def test_a_dead_stub_is_reloaded_and_marked_broken_meanwhile(world):
     gate = DrainGate("craft_pipeline", env={"CRAFT_RUN_DIR": str(run_dir.path)})
     seen = []
     control.unload = lambda model: (seen.append(gate.broken(["text_encoder", model])), control.calls.append(("unload", model)))
+    (run_dir.path / "inflight" / "unet_base-100").write_text("3\n")  # the dead stub's last count
+    (run_dir.path / "inflight" / "craft_pipeline-200").write_text("1\n")
     proc.kill(100)
     watch.check()
     assert control.calls == [("unload", "unet_base"), ("load", "unet_base")]
     assert seen[0][0] == "unet_base" and "unet_base_0_0 (pid 100) died" in seen[0][1]
+    assert run_dir.inflight() == 1  # the dead stub's stale count is gone; the live one's stays
     assert gate.broken(["unet_base"]) is None  # cleared once it is back
     assert "died; reloading unet_base (reload 1 of at most 2" in lines[0]
     assert "unet_base reloaded and ready" in lines[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .judges import JudgeTrainConfig, accuracy, train_judges
+from .judges import JudgeTrainConfig, accuracy, render_pool, train_judges
 from .train_base import BaseTrainConfig, StageProgress, train_base
 
 __all__ = ["train_world", "train_judges_for", "QUICK"]
@@ -41,7 +41,8 @@ def train_judges_for(base: Path, out: Path, *, seed: int = 0, quick: bool = Fals
     config = JudgeTrainConfig(seed=seed, **({"pool": 64, "steps": 3, "batch": 8} if quick else {}))
     if steps is not None:
         config = replace(config, steps=steps)
-    judges, log = train_judges(config, vae, progress)
+    monitor = render_pool(seed + 99991, 16 if quick else 300)  # neither the training pool nor the final check
+    judges, log = train_judges(config, vae, progress, monitor)
     out = Path(out)
     judges.save(out)
     log["accuracy_fresh_renders"] = accuracy(judges, seed + 424242, 100 if quick else 1000)
