@@ -24,7 +24,7 @@ import pytest
 from craft_export.exporter import ExportOptions, export_repository
 from craft_ops.request import GenerateRequest
 
-from .test_serving import _serve
+from test_serving import _serve
 
 pytestmark = pytest.mark.server
 
