@@ -66,7 +66,8 @@ def test_runtime_repository_contents(runtime_repo):
     assert manifest["lora_mode"] == "runtime"
     rt = manifest["runtime_lora"]
     assert rt["max_rank"] == MAX_RANK and rt["modules"] > 0
-    assert set(report.built) == {"text_encoder", "vae_decoder", "unet_base", "unet_lora"}
+    assert set(report.built) == {"text_encoder", "vae_decoder", "unet_base", "unet_lora", "unet"}
+    assert manifest["networks"]["unet"] == "unet"  # the one Triton model serving W_init and the runtime network
     # no baked LoRA variant: W_init only (the unconditional branch / hot-pair source)
     assert [v["model"] for v in manifest["variants"]] == ["unet_base"]
     assert not [p for p in out.iterdir() if p.name.startswith("unet_c-") or p.name.startswith("unet_s-")]
