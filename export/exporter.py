@@ -215,12 +215,12 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
         if report is not None:
             report.seconds = time.perf_counter() - t_start
             return report
-    loaded = load_everything(options)
     runner = _detect_runner(options)
     if options.lora_mode == "runtime" and runner == "native":
         raise ExportError("--runner: --lora-mode runtime is served by the Python UNet runner only (the native "
                           "onnxruntime / tensorrt_plan backends cannot pick LoRA factors per sample); "
                           "use --runner python (got 'native')")
+    loaded = load_everything(options)
     # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
     txn = RepoTransaction(out)
     try:
