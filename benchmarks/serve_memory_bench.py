@@ -65,7 +65,8 @@ def memory(serve_pid: int) -> dict:
     return {"processes": procs, "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
 
 
-def build_repo(work: Path, craft: str, contents: int, styles: int, lora_mode: str) -> tuple[Path, list, float]:
+def build_repo(work: Path, craft: str, contents: int, styles: int, lora_mode: str,
+               extra: tuple[str, ...] = ()) -> tuple[Path, list, float]:
     from safetensors.torch import save_file
 
     from craft_export.recipe_models import load_recipe_models
@@ -75,6 +76,7 @@ def build_repo(work: Path, craft: str, contents: int, styles: int, lora_mode: st
     shapes = load_recipe_models(demo / "recipe-sd15.toml").shapes
     head, tail = recipe_text("sd15", [], root=demo).split("[defaults]")
     names = [(f"c{i}", "content") for i in range(contents)] + [(f"s{i}", "style") for i in range(styles)]
+    names += [(name, "style") for name in extra]
     entries = []
     for k, (name, kind) in enumerate(names):
         path = work / "loras" / f"{name}.safetensors"
@@ -95,6 +97,19 @@ def build_repo(work: Path, craft: str, contents: int, styles: int, lora_mode: st
     return repo, pairs, time.perf_counter() - t0
 
 
+def _new_lora(work: Path, args, grpc: int) -> dict:
+    """A new style LoRA while the server runs: ``craft export`` (same mode) until its first image is served."""
+    from craft_client import CraftClient
+
+    t0 = time.perf_counter()
+    build_repo(work, args.craft, args.contents, args.styles, args.lora_mode, extra=("snew",))
+    exported = time.perf_counter() - t0
+    with CraftClient(f"127.0.0.1:{grpc}") as c:
+        c.generate("a dog <c> in style <s>", content="c0", style="snew", steps=STEPS, seed=1)
+    return {"export_s": round(exported, 2), "file_to_served_s": round(time.perf_counter() - t0, 2),
+            "steps": STEPS, "note": "craft export as a subprocess (Python + torch imports included)"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contents", type=int, default=2)
@@ -104,6 +119,8 @@ def main() -> int:
     parser.add_argument("--label", default="after", help="before (main: a model per variant) / after")
     parser.add_argument("--pairs-served", type=int, default=4, help="requests (one per pair) before the 2nd sample")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--new-lora", action="store_true",
+                        help="then add a style LoRA, craft export again, and time new file -> first image served")
     args = parser.parse_args()
     from craft_client import CraftClient
     from craft_serving.triton_server import reserve_ports
@@ -129,6 +146,7 @@ def main() -> int:
             for content, style in served:
                 c.generate("a dog <c> in style <s>", content=content, style=style, steps=STEPS, seed=1)
         busy = memory(proc.pid)
+        new_lora = _new_lora(work, args, grpc) if args.new_lora else None
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -139,7 +157,7 @@ def main() -> int:
     report = {"label": args.label, "contents": args.contents, "styles": args.styles, "lora_mode": args.lora_mode,
               "unet_folders": len({v["model"] for v in manifest["variants"]}),
               "unet_model": manifest["networks"].get("unet"), "export_s": round(export_s, 1),
-              "ready_s": round(ready_s, 1), "idle": idle, "after_requests": busy, "pairs_served": len(served),
+              "ready_s": round(ready_s, 1), "idle": idle, "new_lora": new_lora, "after_requests": busy, "pairs_served": len(served),
               "craft": args.craft, "load_average": load_average(), "git": git_state(),
               "date": datetime.date.today().isoformat()}
     name = f"serve-memory-{args.label}-{args.lora_mode}-{args.contents}x{args.styles}-{machine_slug()}"
@@ -148,7 +166,9 @@ def main() -> int:
           f"| ready | {idle['processes']} | {idle['rss_mib']} | {idle['pss_mib']} |\n"
           f"| after {len(served)} pairs | {busy['processes']} | {busy['rss_mib']} | {busy['pss_mib']} |\n\n"
           f"UNet weight folders: {report['unet_folders']}; one UNet model: {report['unet_model'] or 'no'}; "
-          f"export {report['export_s']} s; ready after {report['ready_s']} s; load average {report['load_average']}.\n")
+          f"export {report['export_s']} s; ready after {report['ready_s']} s; load average {report['load_average']}.\n"
+          + (f"\nNew style LoRA while serving: craft export {new_lora['export_s']} s, first image ({STEPS} steps) "
+             f"served {new_lora['file_to_served_s']} s after the new file was written.\n" if new_lora else ""))
     write_report(report, RESULTS / f"{name}.json", md)
     return 0
 
