@@ -34,6 +34,7 @@ from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
 from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
 from .safe_files import UnsafeFileError, check_confined
+from .unet_runner import UNET_MODEL, UNET_RUNNER, runner_key, served_by_runner
 from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ def plan_jobs(loaded: Loaded, build: Mapping[str, object]) -> list[ModelJob]:
         by_key.setdefault(variant_key(v, w_init, lora_keys, routed, build), []).append(v)
     for key, vs in by_key.items():
         jobs.append(ModelJob(variant_model_name(vs[0]), "unet", key, tuple(vs)))
+    if served_by_runner(build):  # one Triton model serves every UNet weight set (:mod:`.unet_runner`)
+        jobs.append(ModelJob(UNET_MODEL, UNET_RUNNER, runner_key(build)))
     return jobs
 
 
@@ -184,7 +187,9 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
         runtime=options.runtime, precision=options.precision, runner=runner,
         latent_scale=parts.latent_scale, latent_channels=int(parts.unet.config.in_channels),
         loras=loras, pairs=loaded.pairs, variants=[variant_record(v, j.name) for j in jobs for v in j.variants],
-        networks={j.name: j.name for j in jobs if j.network != "unet"}, models={j.name: records[j.name] for j in jobs},
+        networks={("unet" if j.network == UNET_RUNNER else j.name): j.name for j in jobs
+                  if j.network not in ("unet", "unet_lora")},
+        models={j.name: records[j.name] for j in jobs},
         assets=assets, defaults=loaded.recipe.defaults(parts.arch),
         engine=EngineInfo(engine.min_size, engine.opt_size, engine.max_size, engine.max_batch,
                           max_pixels=engine.max_pixels),
@@ -210,8 +215,12 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
         if report is not None:
             report.seconds = time.perf_counter() - t_start
             return report
-    loaded = load_everything(options)
     runner = _detect_runner(options)
+    if options.lora_mode == "runtime" and runner == "native":
+        raise ExportError("--runner: --lora-mode runtime is served by the Python UNet runner only (the native "
+                          "onnxruntime / tensorrt_plan backends cannot pick LoRA factors per sample); "
+                          "use --runner python (got 'native')")
+    loaded = load_everything(options)
     # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
     txn = RepoTransaction(out)
     try:
@@ -223,10 +232,12 @@ def export_repository(options: ExportOptions, progress: Callable[[str], None] = 
     return report
 
 
-def _reusable(out: Path, job: ModelJob, prev: Mapping | None) -> bool:
+def _reusable(out: Path, job: ModelJob, prev: Mapping | None, build: Mapping[str, object]) -> bool:
     """An unchanged model: same content key in the old manifest and in the folder itself."""
     folder = out / job.name
-    marker = folder / "1" / "model.onnx" if job.network == "unet_lora" else folder / "config.pbtxt"  # not a Triton model
+    # the runtime network, and UNet weights served by the one UNet model, are not Triton models
+    weights_only = job.network == "unet_lora" or (job.network == "unet" and served_by_runner(build))
+    marker = folder / "1" / "model.onnx" if weights_only else folder / "config.pbtxt"
     if not prev or prev.get("key") != job.key or not marker.is_file():
         return False
     return folder_key(folder) in (None, job.key)  # no key file: exported before key files existed
@@ -256,7 +267,7 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
     base_engine: Path | None = None
     for i, job in enumerate(jobs, 1):
         prev = old_models.get(job.name)
-        if _reusable(out, job, prev):
+        if _reusable(out, job, prev, build):
             records[job.name] = prev
             report.reused.append(job.name)
             if job.is_base_unet:

@@ -85,6 +85,10 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     from .onnx_variants import derive_variant
     from .parity import run_parity
 
+    from .unet_runner import UNET_RUNNER, served_by_runner, write_changed, write_runner
+
+    if job.network == UNET_RUNNER:  # no weights of its own: the config and the runner's model.py
+        return {**write_runner(staging / job.name, specs["unet"], engine.max_batch), "key": job.key}
     # 1. the graph: derived from W_init's, or traced
     spec = specs[job.network]
     if job.network == "unet_lora":  # W_init + runtime LoRA branches (:mod:`.runtime_network`)
@@ -102,6 +106,7 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     t0 = time.perf_counter()
     if base_onnx is not None and params:
         derive_variant(base_onnx, net.overrides, onnx_path)
+        write_changed(onnx_path.parent, net.overrides)  # the runner shares every other weight with W_init
         how = "derived"
     else:
         export_onnx(net, spec, _examples(spec, (size, size), 2, 0), onnx_path)
@@ -115,7 +120,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
                           f"> tolerance {tolerance:g}")
     record = {"network": job.network, "key": job.key, "export_seconds": round(seconds, 3), "export": how,
               "parity_max_abs_err": report["max_abs_err"], "parity_tolerance": tolerance}
-    if job.network == "unet_lora":  # not a Triton model (yet): read by the runtime-LoRA runner
+    if job.network == "unet_lora" or (job.network == "unet" and served_by_runner(
+            {"runner": runner, "runtime": options.runtime})):  # weights only: read by the ``unet`` runner model
         return record
     # 3. the TensorRT engine
     if options.runtime == "tensorrt":

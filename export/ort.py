@@ -17,10 +17,14 @@ __all__ = ["ort_session", "OrtSession"]
 CPU = ("CPUExecutionProvider",)
 
 
-def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None):
+def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+                initializers: Mapping[str, Any] | None = None):
     """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it).
 
     ``threads``: intra-op threads (None or 0: ONNX Runtime's choice). ``providers``: default CPU.
+    ``initializers``: name -> ``OrtValue`` used instead of the graph's own (``SessionOptions.add_initializer``:
+    ONNX Runtime does not read those from the file, and sessions given the same OrtValue share its memory;
+    the caller keeps the values alive as long as the session).
     """
     import onnxruntime as ort
 
@@ -33,6 +37,8 @@ def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: 
     # Triton model) and with PyTorch (the parity check alternates ONNX Runtime and PyTorch runs).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=list(providers or CPU))
 
 
@@ -42,8 +48,9 @@ class OrtSession:
     :class:`~craft_export.trt_session.TrtSession` has the same interface.
     """
 
-    def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None):
-        self.session = ort_session(path, providers=providers, threads=threads)
+    def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None,
+                 initializers: Mapping[str, Any] | None = None):
+        self.session = ort_session(path, providers=providers, threads=threads, initializers=initializers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

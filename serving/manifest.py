@@ -76,14 +76,31 @@ class RepoView:
     force_zeros_for_empty_prompt: bool = False
     # sha256 (hex) of the manifest.json bytes this view was read from: every pipeline response carries it
     manifest_id: str = ""
+    lora_mode: str = "baked"  # "baked" | "runtime" (craft export --lora-mode)
+    runtime_model: str | None = None  # runtime mode: the runtime-LoRA network's folder (not a Triton model)
 
     def model_for(self, variant: Variant) -> str | None:
         return self.variants.get(variant)
 
     @property
+    def unet_model(self) -> str | None:
+        """The one Triton model serving every UNet weight set (Python runner), or None: a model per variant."""
+        return self.networks.get("unet")
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The Triton models the pipeline calls: the networks, and the UNet variants unless one model serves them."""
+        return tuple(sorted({*self.networks.values(), *(() if self.unet_model else self.variants.values())}))
+
+    @property
     def models(self) -> tuple[str, ...]:
-        """Every Triton model this repository serves: the pipeline models, networks and UNet variants."""
-        return tuple(sorted({*PIPELINE_MODELS, *self.networks.values(), *self.variants.values()}))
+        """Every Triton model this repository serves: the pipeline models and :attr:`served`."""
+        return tuple(sorted({*PIPELINE_MODELS, *self.served}))
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every top-level folder a manifest needs besides its assets': models, weight-only UNet folders."""
+        return tuple(sorted({*self.models, *self.variants.values(), *((self.runtime_model,) if self.runtime_model else ())}))
 
 
 def check_models(view: RepoView) -> None:
@@ -137,7 +154,12 @@ def _view(root: Path, raw: Mapping[str, Any], mid: str) -> RepoView:
     if raw["arch"] not in ("sd15", "sdxl"):
         raise ManifestError(f"arch: must be 'sd15' or 'sdxl', got {raw['arch']!r}")
     loras = tuple(LoraRecord.from_json(e) for e in raw["loras"])
-    catalog = {r.name: LoraInfo(r.name, r.kind, r.gammas) for r in loras}
+    lora_mode = raw.get("lora_mode", "baked")
+    if lora_mode not in ("baked", "runtime"):
+        raise ManifestError(f"lora_mode: must be 'baked' or 'runtime', got {lora_mode!r}")
+    runtime_model = _model_name("runtime_lora.model", raw["runtime_lora"]["model"]) if lora_mode == "runtime" else None
+    # runtime mode: any gate in [0, 1] (the runtime network takes it as an input); baked: the baked ones
+    catalog = {r.name: LoraInfo(r.name, r.kind, None if lora_mode == "runtime" else r.gammas) for r in loras}
     variants = {_variant(e): _model_name("variants", e["model"]) for e in raw["variants"]}
     d = raw["defaults"]
     defaults = Defaults(
@@ -157,7 +179,8 @@ def _view(root: Path, raw: Mapping[str, Any], mid: str) -> RepoView:
     return RepoView(root, raw["arch"], catalog, variants, defaults, limits, networks, assets, pairs, loras, engine,
                     latent_scale=int(raw.get("latent_scale", 8)), latent_channels=int(raw.get("latent_channels", 4)),
                     runtime=raw.get("runtime"), precision=raw.get("precision"), runner=raw.get("runner"),
-                    force_zeros_for_empty_prompt=_force_zeros(raw), manifest_id=mid)
+                    force_zeros_for_empty_prompt=_force_zeros(raw), manifest_id=mid, lora_mode=lora_mode,
+                    runtime_model=runtime_model)
 
 
 def _force_zeros(raw: Mapping[str, Any]) -> bool:

@@ -38,7 +38,7 @@ def load_missing(pb, view: RepoView, keys=None) -> None:
     name is loaded again.
     """
     failed = []
-    for name in sorted(set(view.variants.values()) | set(view.networks.values())):
+    for name in view.served:
         try:
             if not pb.is_model_ready(model_name=name):
                 pb.load_model(model_name=name)

@@ -73,7 +73,7 @@ class SyncReport:
 
 def needed_folders(view: RepoView) -> list[str]:
     """Every top-level folder of the repository a manifest needs: its models and its assets' folders."""
-    folders = set(view.models)
+    folders = set(view.folders)
     for path in view.assets.values():
         folders.add(path.relative_to(view.root.resolve()).parts[0])
     return sorted(folders)

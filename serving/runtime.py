@@ -134,6 +134,14 @@ def request_from_arrays(arrays: Mapping[str, np.ndarray], limits: Limits = Limit
     return req, preview
 
 
+def _selectors(rows: Sequence) -> dict[str, object]:
+    """Per row: which LoRAs (BYTES, b"" = none) at which gates; the ``unet`` model picks the weights."""
+    return {"lora_content": np.array([(v.content or "").encode() for v in rows], dtype=np.object_),
+            "lora_style": np.array([(v.style or "").encode() for v in rows], dtype=np.object_),
+            "gate_c": torch.tensor([v.gamma_c for v in rows], dtype=torch.float32),
+            "gate_s": torch.tensor([v.gamma_s for v in rows], dtype=torch.float32)}
+
+
 class PipelineRuntime:
     """The CRAFT-LoRA pipeline over a model repository's networks."""
 
@@ -155,6 +163,8 @@ class PipelineRuntime:
 
     def plan(self, request: GenerateRequest) -> Plan:
         plan = plan_request(request, self.repo.catalog, self.repo.defaults, self.repo.limits)
+        if self.repo.lora_mode == "runtime":  # the runtime network serves what is not baked
+            return plan
         for group in plan.groups:
             needed = set(step_variants(group.config)) | {BASE}
             missing = sorted(str(v) for v in needed if self.repo.model_for(v) is None)
@@ -178,13 +188,30 @@ class PipelineRuntime:
         return build_conditioning(self.repo.arch, hiddens, pooled, height, width)
 
     def denoise(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
-        """The sampling loop's denoiser: each call on its variant's UNet model, all in flight at once.
+        """The sampling loop's denoiser: each call on its variant's UNet model, all in flight at once;
+        or, when one model serves every UNet weight set, the step's calls as one request to it.
 
-        ``plan`` has checked that every variant the loop asks for has a model.
+        ``plan`` has checked that every variant the loop asks for has a model (baked mode).
         """
+        if self.repo.unet_model:
+            return self._denoise_one_model(calls)
         net_calls = [NetCall(self.repo.variants[c.variant], unet_inputs(c.x, c.t, c.cond), ("noise_pred",))
                      for c in calls]
         return [o["noise_pred"] for o in self.infer_many(net_calls)]
+
+    def _denoise_one_model(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
+        """The step's calls (conditional + unconditional) as rows of one request to the ``unet`` model,
+        each row naming its weights (:data:`craft_export.unet_runner.SELECTORS`); split at ``max_batch``."""
+        parts = [unet_inputs(c.x, c.t, c.cond) for c in calls]
+        sizes = [int(p["sample"].shape[0]) for p in parts]
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else dict(parts[0])
+        rows = [c.variant for c, n in zip(calls, sizes) for _ in range(n)]
+        merged.update(_selectors(rows))
+        step = self.repo.engine.max_batch
+        chunks = [{k: v[i:i + step] for k, v in merged.items()} for i in range(0, len(rows), step)]
+        outs = self.infer_many([NetCall(self.repo.unet_model, chunk, ("noise_pred",)) for chunk in chunks])
+        eps = torch.cat([o["noise_pred"] for o in outs]) if len(outs) > 1 else outs[0]["noise_pred"]
+        return list(torch.split(eps, sizes))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         out = self.infer_many([NetCall(self.repo.networks["vae_decoder"], {"latent": latents}, ("image",))])[0]

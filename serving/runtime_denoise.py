@@ -5,7 +5,8 @@ Per step, the loop asks for the conditional call (the step's variant) and the un
 repository has one for its variant (``baked(variant)``: hot pairs, W_init) and otherwise on the
 runtime network; when any call of the step goes to the runtime network, the W_init calls join it
 (gates 0), so ACFG's two branches are ONE batch-2 call. Gates come from the variants, so
-continuous ``gamma_c`` / ``gamma_s`` need no baking.
+continuous ``gamma_c`` / ``gamma_s`` need no baking. :meth:`RoutedDenoiser.run` does the same per row
+of one batch (the repository's ``unet`` model, :mod:`.unet_weights`, runs it on what Triton batched).
 """
 
 from __future__ import annotations
@@ -35,27 +36,38 @@ class RoutedDenoiser:
         self.runtime = runtime
         self.baked = baked
 
-    def _route(self, calls: Sequence[UNetCall]) -> list[Session | None]:
-        sessions = [self.baked(c.variant) for c in calls]
+    def route(self, variants: Sequence[Variant]) -> list[Session | None]:
+        """Per row: its baked session, or None for the runtime network (which W_init rows then join)."""
+        sessions = [self.baked(v) for v in variants]
         if any(s is None for s in sessions):  # W_init rides along with the runtime call
-            sessions = [None if c.variant.is_base else s for c, s in zip(calls, sessions)]
+            sessions = [None if v.is_base else s for v, s in zip(variants, sessions)]
         return sessions
 
-    def __call__(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
-        sessions = self._route(calls)
-        out: list[torch.Tensor | None] = [None] * len(calls)
-        runtime = []
-        for i, (call, session) in enumerate(zip(calls, sessions)):
-            if session is None:
-                runtime.append(i)
-            else:
-                out[i] = session(unet_inputs(call.x, call.t, call.cond))
-        if runtime:
-            parts = [unet_inputs(calls[i].x, calls[i].t, calls[i].cond) for i in runtime]
-            sizes = [int(p["sample"].shape[0]) for p in parts]
-            merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            variants = [calls[i].variant for i, n in zip(runtime, sizes) for _ in range(n)]
-            eps = self.runtime(merged, variants)  # one batched call: cond + uncond (+ more)
-            for i, chunk in zip(runtime, torch.split(eps, sizes)):
-                out[i] = chunk
+    def run(self, inputs: Mapping[str, torch.Tensor], variants: Sequence[Variant]) -> torch.Tensor:
+        """``noise_pred`` of a batch whose row b runs on ``variants[b]``'s weights: rows on one baked
+        session in one call on it, the runtime rows in one runtime call."""
+        n = int(inputs["sample"].shape[0])
+        if len(variants) != n:
+            raise ValueError(f"variants: {len(variants)} for a batch of {n}")
+        groups: dict[int, tuple[Session | None, list[int]]] = {}
+        for b, session in enumerate(self.route(variants)):
+            groups.setdefault(id(session) if session is not None else 0, (session, []))[1].append(b)
+        if len(groups) == 1:  # the common case: no gather, no scatter
+            session, rows = next(iter(groups.values()))
+            return session(inputs) if session is not None else self.runtime(inputs, list(variants))
+        out: torch.Tensor | None = None
+        for session, rows in groups.values():
+            index = torch.tensor(rows)
+            part = {k: v.index_select(0, index) for k, v in inputs.items()}
+            eps = session(part) if session is not None else self.runtime(part, [variants[b] for b in rows])
+            if out is None:
+                out = eps.new_empty((n, *eps.shape[1:]))
+            out.index_copy_(0, index, eps)
         return out  # type: ignore[return-value]
+
+    def __call__(self, calls: Sequence[UNetCall]) -> list[torch.Tensor]:
+        parts = [unet_inputs(c.x, c.t, c.cond) for c in calls]
+        sizes = [int(p["sample"].shape[0]) for p in parts]
+        merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+        variants = [c.variant for c, n in zip(calls, sizes) for _ in range(n)]
+        return list(torch.split(self.run(merged, variants), sizes))

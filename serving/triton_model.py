@@ -124,7 +124,7 @@ class PipelineModel:
         self.watch = ManifestWatch(repo, PipelineRuntime(view, self._infer_many, self.settings.device), stamp,
                                    self.log.log_warn)
         self.keys = LoadedKeys(repo)  # models a re-export rebuilds under the same name are reloaded
-        self.keys.note(sorted(set(view.variants.values()) | set(view.networks.values())))
+        self.keys.note(view.served)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_gpu = self.settings.device != "cpu"
         self._bls_extra = {}
@@ -145,7 +145,7 @@ class PipelineModel:
         load_missing(self.pb, view, self.keys)
         runtime = PipelineRuntime(view, self._infer_many, self.settings.device)
         self.log.log_info(f"craft: manifest reloaded: {len(view.catalog)} LoRAs, "
-                          f"{len(set(view.variants.values()))} UNet models")
+                          f"{len(set(view.variants.values()))} baked UNets")
         return runtime
 
     # -- BLS -----------------------------------------------------------------------------------
@@ -174,6 +174,8 @@ class PipelineModel:
 
     def _tensor(self, name: str, value: torch.Tensor):
         """torch -> pb_utils.Tensor: DLPack for device tensors (no host copy), numpy for host ones."""
+        if isinstance(value, np.ndarray):  # BYTES selectors of the UNet model
+            return self.pb.Tensor(name, value)
         if value.device.type != "cpu":
             return self.pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
         return self.pb.Tensor(name, np.ascontiguousarray(value.detach().numpy()))

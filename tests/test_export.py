@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,12 @@ def test_repository_layout_and_manifest(repos, arch):
     view = read_manifest(repo)
     unets = {"unet_base", "unet_c-dog", "unet_s-watercolor", "unet_c-dog_s-watercolor"}
     nets = {"text_encoder", "vae_decoder"} | ({"text_encoder_2"} if arch == "sdxl" else set())
-    assert set(report.built) == unets | nets and not report.reused and not report.removed
+    assert set(report.built) == unets | nets | {"unet"} and not report.reused and not report.removed
     assert set(view.variants.values()) == unets
+    # the Python runner: one Triton model serves every UNet weight set; the variants' folders hold weights only
+    assert view.unet_model == "unet" and set(view.served) == nets | {"unet"}
+    assert all(not (repo / u / "config.pbtxt").exists() and (repo / u / "1" / "model.onnx").is_file() for u in unets)
+    assert (repo / "unet" / "config.pbtxt").is_file() and (repo / "unet" / "1" / "model.py").is_file()
     assert view.variants[BASE] == "unet_base"
     assert view.variants[Variant("dog", 1.0, "watercolor", 1.0)] == "unet_c-dog_s-watercolor"
     assert {l.name: l.kind for l in view.catalog.values()} == {"dog": "content", "watercolor": "style"}
@@ -60,6 +65,8 @@ def test_repository_layout_and_manifest(repos, arch):
     assert dog["format"] == "peft" and dog["rank"] == 4 and len(dog["sha256"]) == 64
     assert 0 < dog["coverage"]["routed"] == dog["coverage"]["content"] < dog["coverage"]["modules"]
     for name, record in raw["models"].items():
+        if record.get("export") == "runner":  # the unet model: no network of its own
+            continue
         assert max(record["parity_max_abs_err"].values()) <= record["parity_tolerance"], name
     for folder in ("craft_pipeline", "craft_pipeline_stream", "craft_catalog"):
         assert (repo / folder / "config.pbtxt").is_file() and (repo / folder / "1" / "model.py").is_file()
@@ -90,8 +97,14 @@ def test_manifest_carries_force_zeros_for_empty_prompt(repos, arch, tmp_path):
 def test_config_pbtxt_matches_onnx(repos, arch):
     repo, _, _ = repos[arch]
     for model in _manifest(repo)["models"]:
+        if not (repo / model / "config.pbtxt").is_file():  # a variant's weights, served by the unet model
+            continue
         io = config_io(parse_config_pbtxt(repo / model / "config.pbtxt"))
-        inputs, outputs = onnx_io(repo / model / "1" / "model.onnx")
+        inputs, outputs = onnx_io(repo / ("unet_base" if model == "unet" else model) / "1" / "model.onnx")
+        if model == "unet":  # the UNet's tensors, then the per-sample weight selectors
+            assert [t.name for t in io.inputs[len(inputs):]] == ["lora_content", "lora_style", "gate_c", "gate_s"]
+            assert [t.model_shape for t in io.inputs[len(inputs):]] == [(-1,)] * 4
+            io = replace(io, inputs=io.inputs[:len(inputs)])
         for side, onnx_side in ((io.inputs, inputs), (io.outputs, outputs)):
             assert [t.name for t in side] == [t.name for t in onnx_side], model
             for cfg_t, onnx_t in zip(side, onnx_side):
@@ -108,7 +121,7 @@ def test_variant_weights_differ_only_in_their_layer_set(repos, ref_pipes):
         variant = onnx_initializer_hashes(repo / model / "1" / "model.onnx")
         assert variant.keys() == base.keys()
         changed = [n for n in base if base[n] != variant[n]]
-        assert changed
+        assert changed and set(changed) <= set(json.loads((repo / model / "1" / "changed.json").read_text()))
         modules = [n.removeprefix("inner.unet.").removesuffix(".weight") for n in changed]
         assert all(routing.layer_set(m) == kind for m in modules), (model, modules[:3])
     both = onnx_initializer_hashes(repo / "unet_c-dog_s-watercolor" / "1" / "model.onnx")

@@ -60,13 +60,24 @@ def _baked(reference, variants, inputs=None, baker=None):
                           for b, v in enumerate(variants)])
 
 
+def test_runtime_mode_with_the_native_runner_is_refused(demo_dir, tmp_path):
+    """The native backends cannot pick factors per sample: refused before anything is loaded or written."""
+    from craft_export.exporter import ExportError, ExportOptions, export_repository
+
+    with pytest.raises(ExportError, match=r"^--runner: .*\(got 'native'\)$"):
+        export_repository(ExportOptions(recipe=demo_dir / "recipe-sd15.toml", out=tmp_path / "repo",
+                                        lora_mode="runtime", runner="native"))
+    assert not (tmp_path / "repo").exists()
+
+
 def test_runtime_repository_contents(runtime_repo):
     out, report = runtime_repo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["lora_mode"] == "runtime"
     rt = manifest["runtime_lora"]
     assert rt["max_rank"] == MAX_RANK and rt["modules"] > 0
-    assert set(report.built) == {"text_encoder", "vae_decoder", "unet_base", "unet_lora"}
+    assert set(report.built) == {"text_encoder", "vae_decoder", "unet_base", "unet_lora", "unet"}
+    assert manifest["networks"]["unet"] == "unet"  # the one Triton model serving W_init and the runtime network
     # no baked LoRA variant: W_init only (the unconditional branch / hot-pair source)
     assert [v["model"] for v in manifest["variants"]] == ["unet_base"]
     assert not [p for p in out.iterdir() if p.name.startswith("unet_c-") or p.name.startswith("unet_s-")]

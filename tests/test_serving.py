@@ -417,7 +417,7 @@ def test_admin_apis_need_the_key_inference_and_health_do_not(served):
 
     from craft_serving.admin import admin_headers
 
-    s, model = served["sd15"], "unet_c-bull_s-watercolor"
+    s, model = served["sd15"], "unet"  # the one model serving every UNet weight set
     for protocol, mod, url in (("http", httpclient, s.http), ("grpc", grpcclient, s.grpc)):
         c = mod.InferenceServerClient(url)
         try:
@@ -550,7 +550,7 @@ STUB_BACK_BOUND_S = 300.0
 
 
 def test_killed_unet_stub_fails_inflight_fast_is_reloaded_and_readiness_is_honest(served):
-    """kill -9 of the unet_base stub under 3 streams that call it at every step (no LoRA): each fails
+    """kill -9 of the stub of the repository's one UNet model (``unet``) under 3 streams that call it at every step (no LoRA): each fails
     within the bound naming the model; readiness 400 until the watchdog has reloaded it, a request sent
     meanwhile gets UNAVAILABLE (clients fail over); then the same request gives the same image as before."""
     from stub_faults_util import kill_stub_under_load
@@ -559,23 +559,23 @@ def test_killed_unet_stub_fails_inflight_fast_is_reloaded_and_readiness_is_hones
     with s.client() as client:
         before = client.generate("a house", **_fields(seed=11)).images
     jobs = [("a house", _fields(seed=20 + i, steps=400), True) for i in range(3)]
-    report = kill_stub_under_load(s, "unet_base_0_0", jobs, probe=("a house", _fields(seed=11)),
+    report = kill_stub_under_load(s, "unet_0_0", jobs, probe=("a house", _fields(seed=11)),
                                   timeout=STUB_BACK_BOUND_S * 2)
     for out in report.outcomes:
-        assert out.error is not None, "a request that needs unet_base at every step finished after its stub died"
-        assert "unet_base" in str(out.error) and "reloading" in str(out.error), out.error
+        assert out.error is not None, "a request that needs the UNet at every step finished after its stub died"
+        assert "unet:" in str(out.error) and "reloading" in str(out.error), out.error
         assert out.ended < STUB_FAIL_BOUND_S, out.ended
     assert report.not_ready_at is not None and report.not_ready_at < STUB_FAIL_BOUND_S, report.readiness[:5]
     assert report.ready_again_at is not None and report.ready_again_at < STUB_BACK_BOUND_S, report.readiness[-5:]
     probe = report.probe
     if probe.error is not None:  # sent during the gap (it may also land after the reload, and succeed)
-        assert "unet_base" in str(probe.error) and "UNAVAILABLE" in str(probe.error.status), probe.error
+        assert "unet" in str(probe.error) and "UNAVAILABLE" in str(probe.error.status), probe.error
     else:
         assert np.array_equal(probe.images, before)
     with s.client() as client:  # ready again means serving again
         assert client.ready()
         assert np.array_equal(client.generate("a house", **_fields(seed=11)).images, before)
-    _wait_log(s.log, r"craft: model unet_base reloaded and ready [0-9.]+ s after its stub process died")
+    _wait_log(s.log, r"craft: model unet reloaded and ready [0-9.]+ s after its stub process died")
 
 
 def test_sigterm_finishes_inflight_refuses_new_and_exits_0(served):

@@ -62,8 +62,8 @@ class FakeControl:
 @pytest.fixture
 def world(tmp_path):
     proc = FakeProc(tmp_path / "proc")
-    pids = {"unet_base": 100, "craft_pipeline": 200}
-    proc.stub(100, "unet_base")
+    pids = {"unet": 100, "craft_pipeline": 200}
+    proc.stub(100, "unet")
     proc.stub(200, "craft_pipeline", 0)
     proc.stub(201, "craft_pipeline", 1)
     proc.stub(300, "text_encoder", state="Z")  # a zombie is not a live stub
@@ -80,7 +80,7 @@ def test_stubs_of_finds_the_live_stubs_of_one_server(world):
     proc, *_ = world
     found = stubs_of(SERVER, proc.root)
     assert {(s.pid, s.model, s.instance) for s in found.values()} == {
-        (100, "unet_base", "unet_base_0_0"), (200, "craft_pipeline", "craft_pipeline_0_0"),
+        (100, "unet", "unet_0_0"), (200, "craft_pipeline", "craft_pipeline_0_0"),
         (201, "craft_pipeline", "craft_pipeline_0_1")}
 
 
@@ -89,23 +89,23 @@ def test_a_dead_stub_is_reloaded_and_marked_broken_meanwhile(world):
     gate = DrainGate("craft_pipeline", env={"CRAFT_RUN_DIR": str(run_dir.path)})
     seen = []
     control.unload = lambda model: (seen.append(gate.broken(["text_encoder", model])), control.calls.append(("unload", model)))
-    (run_dir.path / "inflight" / "unet_base-100").write_text("3\n")  # the dead stub's last count
+    (run_dir.path / "inflight" / "unet-100").write_text("3\n")  # the dead stub's last count
     (run_dir.path / "inflight" / "craft_pipeline-200").write_text("1\n")
     proc.kill(100)
     watch.check()
-    assert control.calls == [("unload", "unet_base"), ("load", "unet_base")]
-    assert seen[0][0] == "unet_base" and "unet_base_0_0 (pid 100) died" in seen[0][1]
+    assert control.calls == [("unload", "unet"), ("load", "unet")]
+    assert seen[0][0] == "unet" and "unet_0_0 (pid 100) died" in seen[0][1]
     assert run_dir.inflight() == 1  # the dead stub's stale count is gone; the live one's stays
-    assert gate.broken(["unet_base"]) is None  # cleared once it is back
-    assert "died; reloading unet_base (reload 1 of at most 2" in lines[0]
-    assert "unet_base reloaded and ready" in lines[1]
+    assert gate.broken(["unet"]) is None  # cleared once it is back
+    assert "died; reloading unet (reload 1 of at most 2" in lines[0]
+    assert "unet reloaded and ready" in lines[1]
     watch.check()  # the new stub is known: nothing more to do
     assert len(control.calls) == 2
 
 
 def test_stubs_that_exit_on_purpose_are_not_crashes(world):
     proc, control, _, watch, lines = world
-    control.not_ready.add("unet_base")  # being unloaded (or the server is stopping)
+    control.not_ready.add("unet")  # being unloaded (or the server is stopping)
     proc.kill(100)
     proc.stub(210, "craft_pipeline", 0)  # a reload's new instance starts before the old one exits
     proc.kill(200)
@@ -124,16 +124,16 @@ def test_one_dead_instance_reloads_its_whole_model_once(world):
 def test_a_crash_loop_is_not_masked(world):
     proc, control, run_dir, watch, lines = world
     for _ in range(2):
-        proc.kill(control.pids["unet_base"])
+        proc.kill(control.pids["unet"])
         watch.check()
-    assert watch.gave_up is None and control.calls.count(("load", "unet_base")) == 2
-    proc.kill(control.pids["unet_base"])
+    assert watch.gave_up is None and control.calls.count(("load", "unet")) == 2
+    proc.kill(control.pids["unet"])
     watch.check()
     assert watch.gave_up and "died 3 times within 600 s" in watch.gave_up and "not reloading it again" in watch.gave_up
-    assert control.calls[-1] == ("unload", "unet_base") and control.calls.count(("load", "unet_base")) == 2
-    assert lines[-1].startswith("craft: error: unet_base: its stub process died 3 times")
+    assert control.calls[-1] == ("unload", "unet") and control.calls.count(("load", "unet")) == 2
+    assert lines[-1].startswith("craft: error: unet: its stub process died 3 times")
     gate = DrainGate("craft_pipeline", env={"CRAFT_RUN_DIR": str(run_dir.path)})
-    assert "not reloading it again" in gate.broken(["unet_base"])[1]
+    assert "not reloading it again" in gate.broken(["unet"])[1]
 
 
 def test_a_failed_reload_gives_up_with_the_reason(world):
@@ -141,7 +141,7 @@ def test_a_failed_reload_gives_up_with_the_reason(world):
     control.fail_load = True
     proc.kill(100)
     watch.check()
-    assert watch.gave_up and "reload after its stub process died failed: load unet_base: HTTP 400" in watch.gave_up
+    assert watch.gave_up and "reload after its stub process died failed: load unet: HTTP 400" in watch.gave_up
     assert "craft serve stops" in lines[-1]
 
 

@@ -1,0 +1,186 @@
+"""Every UNet weight set of a repository in one process, picked per sample (Triton-free; issue 14).
+
+:class:`UNetWeights` is what the repository's one ``unet`` model runs (:mod:`.unet_model` is the
+Triton glue; :mod:`craft_export.unet_runner` writes the model). It holds:
+
+* W_init's weights once: every initializer of ``unet_base``'s graph kept in an external data file is
+  read into an ``OrtValue`` that every session is given (``SessionOptions.add_initializer``), so
+  ONNX Runtime neither reads it from a variant's file nor holds a copy of its own;
+* a session per baked variant, opened on the first call that needs it, given W_init's values for
+  every weight the variant does not change (its ``1/changed.json``): a variant costs the weights it
+  changes, not a whole UNet;
+* in runtime mode the runtime-LoRA network (:class:`~.runtime_unet.RuntimeUNet`, LoRA cache inside).
+
+Per call, rows are routed by :class:`~.runtime_denoise.RoutedDenoiser`: rows whose weights the
+repository bakes run on that session (rows sharing one session in one call), the others on the
+runtime network, which W_init's rows then join. The manifest is stat'ed on every call: a re-export
+is served on the next call (new variants opened then, sessions of rebuilt or retired folders
+dropped after one more manifest, so a request still running on the previous one finishes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from craft_export.ort import OrtSession
+from craft_export.staging import folder_key
+from craft_export.unet_runner import CHANGED_FILE
+from craft_ops.aggregate import BASE, Variant
+
+from .manifest import ManifestError, inside, read_manifest
+from .manifest_watch import Stamp, stamp_of
+from .runtime_denoise import RoutedDenoiser
+from .runtime_unet import DEFAULT_CACHE_MB, RuntimeUNet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UNetWeights", "UNetWeightsError", "wire_variant", "shared_initializers"]
+
+
+class UNetWeightsError(ValueError):
+    """A call asking for weights the repository does not hold."""
+
+
+def wire_variant(content: str | None, gate_c: float, style: str | None, gate_s: float) -> Variant:
+    """A variant as it survives the wire: gates rounded to FP32, so baked gammas match after the trip."""
+    return Variant(content or None, float(np.float32(gate_c)), style or None, float(np.float32(gate_s)))
+
+
+def shared_initializers(onnx_path: Path) -> dict[str, np.ndarray]:
+    """The initializers of a graph kept in external data files, as arrays (read once, one at a time)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    arrays = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+        file = inside(onnx_path.parent, info["location"])
+        array = np.fromfile(file, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+        arrays[tensor.name] = np.ascontiguousarray(array.reshape(tuple(tensor.dims)))
+    return arrays
+
+
+class UNetWeights:
+    """See the module docstring. ``root``: the repository; ``threads``: ONNX Runtime intra-op threads."""
+
+    def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB):
+        self.root = Path(root)
+        self.threads = threads
+        self.cache_mb = cache_mb
+        self._lock = threading.Lock()
+        self._stamp: Stamp | None = None
+        self.folders: dict[Variant, str] = {}  # baked weights -> folder
+        self._retired: dict[Variant, str] = {}  # the previous manifest's, while requests may still name them
+        self.sessions: dict[str, tuple[str | None, OrtSession]] = {}  # folder -> (its craft-key, session)
+        self._calls: dict[str, object] = {}  # folder -> its denoiser callable (one object: rows on it batch)
+        self._base: tuple[str | None, dict] | None = None  # (W_init folder key, name -> OrtValue)
+        self._arrays: dict[str, np.ndarray] = {}  # the memory behind the OrtValues
+        self.runtime: RuntimeUNet | None = None
+        self._runtime_key: str | None = None
+        self.denoiser = RoutedDenoiser(self._runtime_call, self._baked)
+        self.refresh()
+
+    # -- the manifest -----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the manifest if it was replaced (one ``stat`` otherwise)."""
+        stamp = stamp_of(self.root)
+        if stamp == self._stamp:
+            return
+        view = read_manifest(self.root)
+        folders = {wire_variant(v.content, v.gamma_c, v.style, v.gamma_s): f for v, f in view.variants.items()}
+        if BASE not in folders:
+            raise ManifestError(f"{self.root}: the manifest names no W_init UNet (variant with no LoRA)")
+        keys = {f: folder_key(self.root / f) for f in set(folders.values())}
+        self._retired = {v: f for v, f in self.folders.items() if f not in keys}
+        live = set(keys) | set(self._retired.values())
+        self.sessions = {f: s for f, s in self.sessions.items() if f in live and keys.get(f, s[0]) == s[0]}
+        self._calls = {f: c for f, c in self._calls.items() if f in self.sessions}
+        base_key = keys[folders[BASE]]
+        if self._base is not None and self._base[0] != base_key:  # a new W_init: nothing shares the old one
+            self._base, self.sessions, self._calls, self._retired = None, {}, {}, {}
+        self.folders, self._stamp = folders, stamp
+        self._refresh_runtime(view.runtime_model)
+        log.info("UNet weights: %d baked variants, runtime network: %s", len(set(folders.values())),
+                 view.runtime_model or "none")
+
+    def _refresh_runtime(self, folder: str | None) -> None:
+        key = folder_key(self.root / folder) if folder else None
+        if folder is None:
+            self.runtime, self._runtime_key = None, None
+        elif self.runtime is None or key != self._runtime_key:  # new, or rebuilt (a new base, a new max rank)
+            self.runtime = RuntimeUNet(self.root, cache_mb=self.cache_mb, threads=self.threads)
+            self._runtime_key = key
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def _shared(self) -> dict:
+        if self._base is None:
+            import onnxruntime as ort
+
+            folder = self.folders[BASE]
+            self._arrays = shared_initializers(self.root / folder / "1" / "model.onnx")
+            values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
+            self._base = (folder_key(self.root / folder), values)
+        return self._base[1]
+
+    def session(self, folder: str) -> OrtSession:
+        """The session of a baked folder, opened on first use with W_init's weights shared."""
+        held = self.sessions.get(folder)
+        if held is not None:
+            return held[1]
+        path = self.root / folder / "1" / "model.onnx"
+        changed_file = path.parent / CHANGED_FILE
+        shared = self._shared()
+        if folder == self.folders.get(BASE):
+            given = shared
+        elif changed_file.is_file():
+            changed = set(json.loads(changed_file.read_text()))
+            given = {n: v for n, v in shared.items() if n not in changed}
+        else:  # traced, or exported before changed.json: its own weights throughout
+            given = {}
+        session = OrtSession(path, threads=self.threads, initializers=given)
+        self.sessions[folder] = (folder_key(self.root / folder), session)
+        log.info("UNet weights: opened %s (%d of %d weights shared with W_init)", folder, len(given), len(shared))
+        return session
+
+    def _baked(self, variant: Variant):
+        folder = self.folders.get(variant) or self._retired.get(variant)
+        if folder is None:
+            return None
+        call = self._calls.get(folder)
+        if call is None:
+            session = self.session(folder)
+            call = self._calls[folder] = lambda inputs: session.run_torch(inputs)["noise_pred"]
+        return call
+
+    def _runtime_call(self, inputs: Mapping[str, torch.Tensor], variants: Sequence[Variant]) -> torch.Tensor:
+        if self.runtime is None:
+            missing = sorted({str(v) for v in variants if v not in self.folders})
+            raise UNetWeightsError(f"variant: no baked UNet for {missing} and the repository has no runtime "
+                                   f"network (export it with --lora-mode runtime, or bake the pair)")
+        return self.runtime(inputs, variants)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    @property
+    def input_ranks(self) -> dict[str, int]:
+        return self.session(self.folders[BASE]).input_ranks
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor], variants: Sequence[Variant]) -> torch.Tensor:
+        """``noise_pred`` for UNet ``inputs`` of batch B, row b on the weights of ``variants[b]``."""
+        with self._lock:
+            self.refresh()
+            return self.denoiser.run(inputs, variants)
