@@ -16,6 +16,10 @@ input                  shape                           meaning
 ``lora_B.<i>``         (S, R, d_out) / (S, d_out, R)   module i's B bank, alpha/rank folded in
 =====================  ==============================  ==========================================
 
+Each layer set's branches run only on the samples with a LoRA and a non-zero gate
+(:func:`~craft_ops.runtime_lora.active_rows`, ``compact=True``, the ONNX Runtime graph); ``compact=False``
+is the dense graph TensorRT engines are built from. Same inputs, same outputs.
+
 The serving cache *is* these banks (updated in place when a LoRA is loaded), so a call carries
 only indices and scales. The branches are attached with forward hooks for the duration of a
 forward (export, parity, reference), so the wrapped UNet (shared with the baked exports) is
