@@ -46,6 +46,8 @@ __all__ = [
     "runtime_factors",
     "pad_factors",
     "lora_branch",
+    "active_rows",
+    "add_lora_branch",
 ]
 
 # Module-name suffixes that get a LoRA branch: the attention projections, proj_in / proj_out and
@@ -228,13 +230,13 @@ class ConvGeometry:
 
 def _im2col(x: torch.Tensor, geom: ConvGeometry, unfold: torch.Tensor | None) -> torch.Tensor:
     """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo)."""
-    n = x.shape[0]
+    n = x.shape[0]  # explicit sizes, no -1: n may be 0 (no active sample)
     if geom.pointwise:
-        return x.reshape(n, geom.channels, -1)
+        return x.reshape(n, geom.channels, x.shape[2] * x.shape[3])
     if unfold is None:
         unfold = geom.unfold_kernel().to(x.dtype)
     cols = torch.nn.functional.conv2d(x, unfold, stride=geom.stride, padding=geom.padding, groups=geom.channels)
-    return cols.reshape(n, unfold.shape[0], -1)  # (N, C*kh*kw, Ho, Wo) -> (N, C*kh*kw, HoWo)
+    return cols.reshape(n, unfold.shape[0], cols.shape[2] * cols.shape[3])  # (N, C*kh*kw, Ho, Wo) -> (N, C*kh*kw, HoWo)
 
 
 def lora_branch(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, index: torch.Tensor,
@@ -249,11 +251,41 @@ def lora_branch(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, ind
     by the caller (a constant of the exported graph). Returns the delta in ``out``'s shape.
     """
     A = A_bank.index_select(0, index)  # (B, fan_in, R) linear / (B, R, fan_in) conv
-    B = B_bank.index_select(0, index)  # (B, R, d_out) / (B, d_out, R)
-    s = scale
+    # the gate scales the gathered B (R x d_out per sample), not the (T, R) / (R, HoWo) activations:
+    # at serving resolutions T (tokens / pixels) is far larger than d_out
+    B = B_bank.index_select(0, index) * scale  # (B, R, d_out) / (B, d_out, R)
     if geom is not None:
         cols = _im2col(x, geom, unfold)  # (B, fan_in, HoWo)
-        return torch.matmul(B, torch.matmul(A, cols) * s).reshape_as(out)  # (B, R, HoWo) -> (B, d_out, Ho, Wo)
+        return torch.matmul(B, torch.matmul(A, cols)).reshape_as(out)  # (B, R, HoWo) -> (B, d_out, Ho, Wo)
     if x.dim() == 2:
-        return torch.matmul(torch.matmul(x.unsqueeze(1), A) * s, B).squeeze(1)
-    return torch.matmul(torch.matmul(x, A) * s, B)  # (B, T, R) -> (B, T, d_out)
+        return torch.matmul(torch.matmul(x.unsqueeze(1), A), B).squeeze(1)
+    return torch.matmul(torch.matmul(x, A), B)  # (B, T, R) -> (B, T, d_out)
+
+
+def active_rows(index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(n,) int64: the samples whose branch is not zero (a LoRA in the slot and a non-zero gate), in order.
+
+    Computed once per layer set and call; every branch of that set then runs on these rows only, so
+    ACFG's unconditional row (gates 0) and the gated-off layer set of a step cost no LoRA work.
+
+    Never empty: with no active sample, row 0 runs at its own slot and gate (slot 0's zero factors, or
+    a gate of 0), which adds exact zeros. An empty batch would make ONNX Runtime's fused Reshapes
+    (``{0, C, -1}``) fail on zero elements, and costs one row of work only in a call where the whole
+    layer set is off.
+    """
+    active = (index != 0) & (scale != 0)
+    first = torch.arange(index.shape[0], device=index.device) == 0
+    return torch.nonzero(active | (first & ~active.any())).reshape(-1)
+
+
+def add_lora_branch(out: torch.Tensor, x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor,
+                    rows: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, geom: ConvGeometry | None,
+                    unfold: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` (the module's W_init output) with the branch of :func:`lora_branch` added to the samples ``rows``.
+
+    ``rows``: :func:`active_rows`; ``index`` / ``scale``: those rows' slots (n,) and gates (n, 1, 1).
+    Other samples are ``out`` unchanged, bit for bit (W_init exactly, Eq. 10's unconditional branch).
+    """
+    out_rows = out.index_select(0, rows)
+    delta = lora_branch(x.index_select(0, rows), A_bank, B_bank, index, scale, geom, out_rows, unfold)
+    return out.index_put((rows,), out_rows + delta)

@@ -94,7 +94,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     if job.network == "unet_lora":  # W_init + runtime LoRA branches (:mod:`.runtime_network`)
         from .runtime_network import RuntimeUNetNet
 
-        net, params = RuntimeUNetNet(nets.unet, spec).eval(), {}
+        # TensorRT: the dense graph (static shapes; trt_policy.profile_slots); ONNX Runtime: active rows only
+        net, params = RuntimeUNetNet(nets.unet, spec, compact=options.runtime != "tensorrt").eval(), {}
     else:
         module, params = network_module(nets, baker, job)
         net = _Baked(module, params).eval()
@@ -122,6 +123,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
               "parity_max_abs_err": report["max_abs_err"], "parity_tolerance": tolerance}
     if job.network == "unet_lora" or (job.network == "unet" and served_by_runner(
             {"runner": runner, "runtime": options.runtime})):  # weights only: read by the ``unet`` runner model
+        if job.network == "unet_lora" and options.runtime == "tensorrt":  # model.plan beside model.onnx
+            record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
         return record
     # 3. the TensorRT engine
     if options.runtime == "tensorrt":

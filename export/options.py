@@ -52,9 +52,6 @@ class ExportOptions:
             raise ExportError(f"--lora-mode must be baked or runtime, got {self.lora_mode!r}")
         if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or not 1 <= self.max_rank <= 1024:
             raise ExportError(f"--max-rank must be an integer in [1, 1024], got {self.max_rank!r}")
-        if self.lora_mode == "runtime" and self.runtime == "tensorrt":
-            raise ExportError("--lora-mode runtime with --runtime tensorrt is not implemented yet (TensorRT shape "
-                              "profiles for the factor inputs); export with --runtime onnxruntime or --lora-mode baked")
         if self.pairs is None:
             object.__setattr__(self, "pairs", "all" if self.lora_mode == "baked" else "none")
 

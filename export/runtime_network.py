@@ -16,6 +16,10 @@ input                  shape                           meaning
 ``lora_B.<i>``         (S, R, d_out) / (S, d_out, R)   module i's B bank, alpha/rank folded in
 =====================  ==============================  ==========================================
 
+Each layer set's branches run only on the samples with a LoRA and a non-zero gate
+(:func:`~craft_ops.runtime_lora.active_rows`, ``compact=True``, the ONNX Runtime graph); ``compact=False``
+is the dense graph TensorRT engines are built from. Same inputs, same outputs.
+
 The serving cache *is* these banks (updated in place when a LoRA is loaded), so a call carries
 only indices and scales. The branches are attached with forward hooks for the duration of a
 forward (export, parity, reference), so the wrapped UNet (shared with the baked exports) is
@@ -30,7 +34,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from craft_ops.runtime_lora import ConvGeometry, RuntimeLayout, RuntimeLoraError, lora_branch, pad_factors
+from craft_ops.runtime_lora import (ConvGeometry, RuntimeLayout, RuntimeLoraError, active_rows, add_lora_branch,
+                                    lora_branch, pad_factors)
 
 from .networks import UNetNet
 from .specs import NetworkSpec, TensorSpec
@@ -74,8 +79,13 @@ def _geometry(name: str, module: nn.Module) -> ConvGeometry | None:
 class RuntimeUNetNet(nn.Module):
     """``eps = UNet_{W_init + per-sample LoRA branches}(...)`` for a :func:`runtime_spec` contract."""
 
-    def __init__(self, unet_net: UNetNet, spec: NetworkSpec):
+    def __init__(self, unet_net: UNetNet, spec: NetworkSpec, *, compact: bool = True):
         super().__init__()
+        # compact: each layer set's branches run only on the samples with a LoRA and a non-zero gate
+        # (one NonZero per set and call, then Gather / ScatterND per module): ACFG's unconditional row and a
+        # gated-off set cost nothing. Data-dependent shapes; False gives the dense graph (every sample
+        # through every branch, gates as multipliers) for builders that want static shapes (TensorRT).
+        self.compact = bool(compact)
         self.net = unet_net
         self.layout = RuntimeLayout.from_json(spec.meta["runtime_layout"])
         self.input_names = spec.input_names
@@ -111,8 +121,11 @@ class RuntimeUNetNet(nn.Module):
         def hook(_mod, args, output):
             ctx = self._ctx
             A, B = ctx["banks"][i]
-            index, scale = ctx[kind]
             unfold = getattr(self, f"unfold_{i}", None)
+            if self.compact:
+                rows, index, scale = ctx[kind]
+                return add_lora_branch(output, args[0], A, B, rows, index, scale, geom, unfold)
+            index, scale = ctx[kind]
             return output + lora_branch(args[0], A, B, index, scale, geom, output, unfold)
 
         return hook
@@ -121,9 +134,14 @@ class RuntimeUNetNet(nn.Module):
         """Inputs positionally in :attr:`input_names` order (the ONNX export) or by keyword."""
         values = {**dict(zip(self.input_names, args)), **kwargs}
         n = len(self.layout.modules)
-        self._ctx = {"banks": [(values[bank_names(i)[0]], values[bank_names(i)[1]]) for i in range(n)],
-                     "content": (values["content_index"], values["content_scale"].reshape(-1, 1, 1)),
-                     "style": (values["style_index"], values["style_scale"].reshape(-1, 1, 1))}
+        self._ctx = {"banks": [(values[bank_names(i)[0]], values[bank_names(i)[1]]) for i in range(n)]}
+        for kind in ("content", "style"):  # per layer set and call, not per module
+            index, scale = values[f"{kind}_index"], values[f"{kind}_scale"]
+            if self.compact:
+                rows = active_rows(index, scale)
+                self._ctx[kind] = (rows, index.index_select(0, rows), scale.index_select(0, rows).reshape(-1, 1, 1))
+            else:
+                self._ctx[kind] = (index, scale.reshape(-1, 1, 1))
         try:
             with self._attached():
                 return self.net(*(values.get(k) for k in _UNET_INPUTS))

@@ -315,9 +315,13 @@ class NetworkSpec:
                     raise ValueError(f"{self.kind}.{t.name}: {d}={n} but another input has {d}={env[d]}")
         return env
 
-    def profile(self, image_range: ImageRange | None = None,
-                batch: BatchRange | None = None) -> dict[str, ShapeProfile]:
-        """min/opt/max shape of every input, e.g. for a TensorRT optimisation profile."""
+    def profile(self, image_range: ImageRange | None = None, batch: BatchRange | None = None,
+                symbols: Mapping[str, BatchRange] | None = None) -> dict[str, ShapeProfile]:
+        """min/opt/max shape of every input, e.g. for a TensorRT optimisation profile.
+
+        ``symbols``: min/opt/max of symbols other than batch and latent size (the runtime-LoRA
+        network's bank slots ``S``: :func:`craft_export.trt_policy.profile_slots`).
+        """
         batch = batch or BatchRange(1, 1, self.max_batch)
         if batch.max > self.max_batch:
             raise ValueError(f"batch max {batch.max} > spec max_batch {self.max_batch}")
@@ -326,4 +330,7 @@ class NetworkSpec:
             raise ValueError(f"image multiple {image_range.multiple} is not a multiple of {self.latent_scale}")
         envs = [self.env(b, hw if self.spatial else None) for b, hw in (
             (batch.min, image_range.min_hw), (batch.opt, image_range.opt_hw), (batch.max, image_range.max_hw))]
+        for name, r in (symbols or {}).items():
+            for env, n in zip(envs, (r.min, r.opt, r.max)):
+                env[name] = int(n)
         return {t.name: ShapeProfile(*(t.shape(e) for e in envs)) for t in self.inputs}

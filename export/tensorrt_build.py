@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .trt_policy import (ENGINE_TOLERANCE, TensorRTError, check_engine_error, engine_precision, fp32_layer_names,
-                         output_errors, profile_batch)
+from .trt_policy import (ENGINE_TOLERANCE, TensorRTError, check_engine_error, engine_precision, engine_profile,
+                         fp32_layer_names, output_errors)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,14 @@ def _compare_with_onnx(engine_bytes: bytes, onnx_path: Path, spec, hw: tuple[int
     from .ort import OrtSession
     from .trt_session import TrtSession
 
-    inputs = {k: v.numpy() for k, v in example_inputs(spec, hw=hw, batch=min(2, spec.max_batch), seed=5).items()}
+    batch = min(2, spec.max_batch)
+    if spec.kind == "unet_lora":  # banks of batch + 1 slots, random slots and gates per sample
+        from .runtime_export import runtime_examples
+
+        examples = runtime_examples(spec, hw, batch, batch + 1, seed=5)
+    else:
+        examples = example_inputs(spec, hw=hw, batch=batch, seed=5)
+    inputs = {k: v.numpy() for k, v in examples.items()}
     ref = OrtSession(onnx_path)(inputs)
     session = TrtSession(engine_bytes)
     try:
@@ -187,7 +194,7 @@ def build_engine(job, onnx_path: Path, spec, options, out_dir: Path, *, image_ra
     if is_variant and base_engine is not None:
         engine, how = builder.refit(base_engine, onnx_path), "refit"
     else:
-        profile = spec.profile(image_range, profile_batch(job.network, spec.max_batch))
+        profile = engine_profile(spec, job.network, image_range)  # unet_lora: + the bank slots S
         engine = builder.build(onnx_path, profile, refittable=job.network == "unet")
         how = "build"
     seconds = time.perf_counter() - t0

@@ -9,6 +9,17 @@
 * :func:`profile_batch`: the optimisation profile's batch range. A UNet's ``opt`` is 2: every
   guided step (CFG, or ACFG's two branches when their weights agree) runs at batch 2, so that is
   the shape TensorRT tunes its tactics for; 1 stays the minimum.
+* :func:`profile_slots` / :func:`engine_profile`: the runtime-LoRA UNet (``unet_lora``, ``--lora-mode
+  runtime``) takes its factor banks as inputs of shape ``(S, ...)``, ``S`` = slots of the runner's
+  LoRA cache (slot 0 = no LoRA). The runner passes its whole banks on every call, so ``S`` is fixed
+  per runner by its cache budget: ``opt`` = the slots of the default budget
+  (:data:`RUNTIME_CACHE_MB` / the layout's bytes per content + style slot, clamped to [2, 256]),
+  ``min`` 2 (the smallest cache: slot 0 + one LoRA of each kind), ``max`` :data:`RUNTIME_MAX_SLOTS`
+  (the cache's cap, for a runner given a larger budget). The bank inputs only feed Gathers by slot
+  index, so the range costs no tactic quality. Batch as the UNet's (``opt`` 2: ACFG's conditional
+  and unconditional rows in one call). The engine is built from the dense runtime graph (every
+  sample through every branch, no data-dependent shapes: ``RuntimeUNetNet(compact=False)``).
+  Unverified on a GPU: written against the TensorRT 10 API and unit-tested on CPU only.
 * :func:`fp32_layer_names`: the UNet layers kept in fp32 in an fp16 / bf16 build: the sinusoidal
   timestep embedding (``time_proj``: ``sin(t * f)`` with ``t`` up to ~1000, where fp16's spacing
   there, 0.5, is a large error in the argument) and its MLP (``time_embedding``), and SDXL's
@@ -27,9 +38,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .specs import BatchRange
+from .specs import BatchRange, ImageRange, NetworkSpec, ShapeProfile
 
 __all__ = ["TensorRTError", "POLICY_VERSION", "ENGINE_TOLERANCE", "FP32_MODULES", "engine_precision", "profile_batch",
+           "RUNTIME_CACHE_MB", "RUNTIME_MAX_SLOTS", "profile_slots", "engine_profile",
            "fp32_layer_names", "output_errors", "check_engine_error"]
 
 
@@ -66,8 +78,38 @@ def profile_batch(network: str, max_batch: int) -> BatchRange:
     """min / opt / max batch of a network's optimisation profile (UNet: opt 2, guided steps' batch)."""
     if max_batch < 1:
         raise TensorRTError(f"max_batch must be >= 1, got {max_batch}")
-    opt = min(2, max_batch) if network == "unet" else 1
+    opt = min(2, max_batch) if network in ("unet", "unet_lora") else 1
     return BatchRange(1, opt, max_batch)
+
+
+# The runtime-LoRA runner's cache (serving/lora_cache.py MAX_SLOTS, serving/runtime_unet.py
+# DEFAULT_CACHE_MB; tests/test_runtime_trt.py holds them equal): export does not import serving.
+RUNTIME_MAX_SLOTS = 256
+RUNTIME_CACHE_MB = 256.0
+
+
+def profile_slots(slot_bytes: int, cache_mb: float = RUNTIME_CACHE_MB) -> BatchRange:
+    """min / opt / max of the bank slot axis ``S`` (module docstring); ``slot_bytes``: one content + one style slot."""
+    if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes < 1:
+        raise TensorRTError(f"slot_bytes must be a positive integer, got {slot_bytes!r}")
+    if not cache_mb > 0:
+        raise TensorRTError(f"cache_mb must be > 0, got {cache_mb!r}")
+    opt = max(2, min(RUNTIME_MAX_SLOTS, int(cache_mb * 2**20) // slot_bytes))
+    return BatchRange(2, opt, RUNTIME_MAX_SLOTS)
+
+
+def engine_profile(spec: NetworkSpec, network: str, image_range: ImageRange,
+                   cache_mb: float = RUNTIME_CACHE_MB) -> dict[str, ShapeProfile]:
+    """The optimisation profile of ``network``'s engine: batch (:func:`profile_batch`), image range, and
+    for the runtime-LoRA UNet the bank slots (:func:`profile_slots`)."""
+    batch = profile_batch(network, spec.max_batch)
+    if network != "unet_lora":
+        return spec.profile(image_range, batch)
+    from craft_ops.runtime_lora import RuntimeLayout
+
+    layout = RuntimeLayout.from_json(spec.meta["runtime_layout"])
+    slot_bytes = 4 * (layout.slot_floats("content") + layout.slot_floats("style"))
+    return spec.profile(image_range, batch, symbols={"S": profile_slots(slot_bytes, cache_mb)})
 
 
 def fp32_layer_names(names: Iterable[str], precision: str) -> list[str]:

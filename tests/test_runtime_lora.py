@@ -198,3 +198,16 @@ def test_uncond_scale_zero_is_w_init(tiny):
         want = t["unet"](**base)
     assert torch.equal(got, want)
     assert BASE.is_base
+
+
+def test_dense_graph_equals_compact(tiny):
+    """The dense network (TensorRT's graph: every sample through every branch) == the compact one (ONNX
+    Runtime's: active rows only), including a call where no sample has an active LoRA of a kind."""
+    t = tiny["sd15"]
+    dense = RuntimeUNetNet(t["unet"], t["spec"], compact=False).eval()
+    base = _unet_inputs(t, len(ROWS))
+    for rows in (ROWS, [(r[0], r[1], None, 0.0) for r in ROWS]):  # the second: style set off for all
+        inputs = _runtime_inputs(t, rows, base)
+        with torch.no_grad():
+            got, want = t["net"](**inputs), dense(**inputs)
+        assert float((got - want).abs().max()) < TOL
