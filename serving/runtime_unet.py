@@ -79,7 +79,12 @@ class RuntimeUNet:
         stamp = _stamp(self.root)
         if stamp == self._stamp_seen:
             return
-        raw = self._read()
+        try:
+            raw = self._read()
+        except ManifestError as exc:  # a running server keeps the last good LoRA list
+            log.warning("craft: manifest rejected, the runtime LoRA list stays as it was: %s", exc)
+            self._stamp_seen = stamp
+            return
         loras = {r["name"]: (r["kind"], r["factors"], r["factors_key"]) for r in raw.get("loras", [])
                  if r.get("factors")}
         keep = {(n, key) for n, (_, _, key) in loras.items()}

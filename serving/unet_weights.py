@@ -99,10 +99,17 @@ class UNetWeights:
         stamp = stamp_of(self.root)
         if stamp == self._stamp:
             return
-        view = read_manifest(self.root)
-        folders = {wire_variant(v.content, v.gamma_c, v.style, v.gamma_s): f for v, f in view.variants.items()}
-        if BASE not in folders:
-            raise ManifestError(f"{self.root}: the manifest names no W_init UNet (variant with no LoRA)")
+        try:
+            view = read_manifest(self.root)
+            folders = {wire_variant(v.content, v.gamma_c, v.style, v.gamma_s): f for v, f in view.variants.items()}
+            if BASE not in folders:
+                raise ManifestError(f"{self.root}: the manifest names no W_init UNet (variant with no LoRA)")
+        except ManifestError as exc:
+            if self._stamp is None:  # nothing good to fall back on
+                raise
+            log.warning("craft: manifest rejected, the unet model keeps the last good one: %s", exc)
+            self._stamp = stamp  # not re-read on every call; a replaced file is
+            return
         keys = {f: folder_key(self.root / f) for f in set(folders.values())}
         self._retired = {v: f for v, f in self.folders.items() if f not in keys}
         live = set(keys) | set(self._retired.values())
