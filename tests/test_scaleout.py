@@ -131,7 +131,7 @@ def _file_id(repo: Path) -> str:
 
 
 def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
-    """A re-export while 8 clients run: no request fails or sees a half-written model; afterwards
+    """A re-export while 16 clients run (the issue's load): no request fails or sees a half-written model; afterwards
     every replica serves the new catalogue (and the new LoRA). Every response names the manifest
     that served it (the sha256 of manifest.json): the old one's before the swap, the new one's after;
     how long replicas disagree is measured and printed."""
@@ -154,7 +154,7 @@ def test_reexport_under_load_reaches_every_replica(replicas, demo_dir):
                 except Exception as exc:  # noqa: BLE001 - every failure is the finding
                     errors.append(repr(exc))
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(8)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(16)]
     for t in threads:
         t.start()
     recipe.write_text(_recipe(demo_dir, ["dog", "watercolor", "fire"]))
