@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .specs import NetworkSpec, TensorSpec
 
-__all__ = ["EXTERNAL_THRESHOLD", "MappedWeights", "consolidate_external_data", "publish_onnx", "onnx_io", "check_onnx_contract",
+__all__ = ["EXTERNAL_THRESHOLD", "MappedWeights", "consolidate_external_data", "publish_onnx", "onnx_io",
+           "check_onnx_contract",
            "onnx_initializer_hashes", "iter_initializers", "value_info_dims"]
 
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inline in model.onnx
@@ -236,7 +237,9 @@ class MappedWeights:
                 count *= int(d)
             if offset % dtype.itemsize or offset + count * dtype.itemsize > len(buffer):
                 continue
-            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+            if not count:
+                continue
+            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
             self.tensors[tensor.name] = flat.view(tuple(int(d) for d in tensor.dims))
 
     def _map(self, file: Path) -> mmap.mmap | None:
