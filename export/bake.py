@@ -8,11 +8,12 @@ back, non-finite results refused naming the adapter and module).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
 from craft_ops.aggregate import Variant, aggregate, routed_deltas
+from craft_ops.lora import adapter_deltas
 from craft_ops.routing import Routing
 
 from .recipe_models import LoadedLora
@@ -65,12 +66,40 @@ class VariantBaker:
 
     def params_for(self, variant: Variant, *, cache: bool = True) -> dict[str, torch.Tensor]:
         """``functional_call`` overrides (``unet.<module>.weight``) for a variant; cached unless
-        ``cache=False`` (the exporter bakes each variant once)."""
+        ``cache=False`` (the exporter bakes each variant once: then no fp32 delta is kept either,
+        each is computed for its module and dropped once added, so only the new weights stay)."""
         if variant in self._params:
             return self._params[variant]
-        deltas = {n: self.routed(n) for n in (variant.content, variant.style) if n}
+        names = (variant.content, variant.style)
+        if cache:
+            deltas = {n: self.routed(n) for n in names if n}
+        else:
+            deltas = {n: self._deltas.get(n) or _LazyDeltas(self, n) for n in names if n}
         weights = variant_weights(self.W_init, variant, deltas)
         params = {f"{self.prefix}{m}.weight": w for m, w in weights.items()}
         if cache:
             self._params[variant] = params
         return params
+
+
+class _LazyDeltas(Mapping):
+    """One LoRA's routed deltas (:meth:`VariantBaker.routed`), each computed when it is read and not
+    kept: :func:`~craft_ops.aggregate.aggregate` adds them one module at a time, so a variant costs
+    its new weights plus one module's delta instead of every routed delta at once."""
+
+    def __init__(self, baker: VariantBaker, name: str):
+        lora = baker.loras[name]
+        self._adapter, self._shapes = lora.adapter, baker.shapes
+        self._modules = list(baker.routing.select(lora.kind, lora.adapter.modules))
+        self._known = set(self._modules)
+
+    def __getitem__(self, module: str) -> torch.Tensor:
+        if module not in self._known:
+            raise KeyError(module)
+        return adapter_deltas(self._adapter, self._shapes, [module])[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)

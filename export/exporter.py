@@ -24,16 +24,15 @@ from craft_ops.aggregate import Variant
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
 from .manifest_schema import MANIFEST, EngineInfo, LoraRecord, manifest_json, variant_record
-from .model_build import build_model, engine_path
+from .model_build import ExportWeights, adopt_weights, build_model, engine_path
 from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
-from .recipe import EngineRange, Recipe, load_recipe, recipe_paths
+from .recipe import EngineRange, Recipe, load_confined_recipe
 from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
 from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
-from .safe_files import UnsafeFileError, check_confined
 from .unet_runner import UNET_MODEL, UNET_RUNNER, runner_key, served_by_runner
 from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
 
@@ -98,12 +97,7 @@ def _check_out(out: Path) -> dict | None:
 
 
 def load_everything(options: ExportOptions) -> Loaded:
-    recipe = load_recipe(options.recipe)
-    if options.confine_to:
-        try:
-            check_confined(recipe_paths(recipe), options.confine_to)
-        except UnsafeFileError as exc:
-            raise ExportError(str(exc)) from exc
+    recipe = load_confined_recipe(options.recipe, options.confine_to)
     models = load_recipe_models(recipe)
     files = {name: {"path": str(spec.path), "sha256": sha256_file(spec.path), "format": models.loras[name].adapter.format,
                     "rank": models.loras[name].adapter.rank}
@@ -265,11 +259,15 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
     # the W_init UNet, built now or reused: variants are derived (ONNX) and refitted (TensorRT) from it
     base_onnx: Path | None = None
     base_engine: Path | None = None
+    weights = ExportWeights()  # each network's weights held once: by PyTorch or by ONNX Runtime
+    reusable = {job.name: _reusable(out, job, old_models.get(job.name), build) for job in jobs}
     for i, job in enumerate(jobs, 1):
         prev = old_models.get(job.name)
-        if _reusable(out, job, prev, build):
+        if reusable[job.name]:
             records[job.name] = prev
             report.reused.append(job.name)
+            if not all(reusable.values()) and (out / job.name / "1" / "model.onnx").is_file():
+                adopt_weights(job, loaded.nets, loaded.baker, out / job.name / "1" / "model.onnx", weights)
             if job.is_base_unet:
                 base_onnx = out / job.name / "1" / "model.onnx"
                 base_engine = engine_path(out / job.name, options)
@@ -277,7 +275,7 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
         progress(f"[{i}/{len(jobs)}] baking + exporting {job.name}")
         t0 = time.perf_counter()
         records[job.name] = build_model(job, loaded.nets, loaded.baker, loaded.engine, options, runner, staging,
-                                        specs, base_onnx, base_engine)
+                                        specs, base_onnx, base_engine, weights)
         txn.mark(job.name, job.key)
         fresh.append(job.name)
         if job.is_base_unet:

@@ -28,9 +28,8 @@ from .lora_files import LoraFileError, metadata_alphas
 from .manifest_schema import LoraRecord
 from .options import ExportError, ExportOptions, ExportReport
 from .plan import FORMAT_VERSION, PlanError, parse_pairs
-from .recipe import LoraSpec, Recipe, load_recipe, recipe_paths
+from .recipe import LoraSpec, Recipe, load_confined_recipe
 from .runtime_plan import fingerprint, remove_unreferenced_factors
-from .safe_files import UnsafeFileError, check_confined
 from .staging import RepoTransaction
 
 log = logging.getLogger(__name__)
@@ -74,12 +73,7 @@ def register_loras(options: ExportOptions, out: Path, old: Mapping,
     runtime = old.get("runtime_lora")
     if old.get("lora_mode") != "runtime" or old.get("format_version") != FORMAT_VERSION or not runtime:
         return None
-    recipe = load_recipe(options.recipe)
-    if options.confine_to:
-        try:
-            check_confined(recipe_paths(recipe), options.confine_to)
-        except UnsafeFileError as exc:
-            raise ExportError(str(exc)) from exc
+    recipe = load_confined_recipe(options.recipe, options.confine_to)
     try:
         pairs = parse_pairs(options.pairs, {s.name: s.kind for s in recipe.loras})
     except PlanError:

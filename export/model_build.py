@@ -8,6 +8,9 @@ against the PyTorch network on seeded inputs; with ``--runtime tensorrt`` the en
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import logging
 import shutil
 import time
 from collections.abc import Mapping
@@ -16,13 +19,17 @@ from pathlib import Path
 import torch
 
 from .bake import VariantBaker
+from .loading import unet_weights
 from .networks import PipelineNets
 from .options import ExportError, ExportOptions, ModelJob
 from .recipe import EngineRange
 from .repo_files import templates
 from .specs import ImageRange, NetworkSpec
 
-__all__ = ["PARITY_TOLERANCE", "build_model", "engine_path", "network_module"]
+log = logging.getLogger(__name__)
+
+__all__ = ["PARITY_TOLERANCE", "ExportWeights", "adopt_weights", "build_model", "engine_path", "network_module",
+           "trim_memory"]
 
 # Max |ONNX Runtime - PyTorch| accepted per network in fp32 (the measured errors are orders of
 # magnitude below; each model's own is recorded in the manifest).
@@ -57,6 +64,67 @@ class _Baked(torch.nn.Module):
         return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
 
 
+class ExportWeights:
+    """The networks' weights during an export, held once: in PyTorch or in ONNX Runtime, not both.
+
+    Once a network is exported (or found unchanged in the repository), its parameters are pointed
+    at the weights in its ONNX data file (:class:`~craft_export.onnx_files.MappedWeights`, checked
+    byte-equal first): the loaded copy is freed and the file's pages serve PyTorch. :meth:`release`
+    drops those pages from the process before an ONNX Runtime session is opened; PyTorch reads them
+    back from the file (the page cache) the next time it runs.
+    """
+
+    def __init__(self) -> None:
+        self._mapped: list = []
+
+    def adopt(self, module: torch.nn.Module, onnx_path: Path, prefix: str = "inner.") -> int:
+        """Point ``module``'s parameters (``prefix`` + name: the initializer names of a :class:`_Baked`
+        export) at ``onnx_path``'s weights where they are byte-equal; returns the bytes moved."""
+        from .onnx_files import MappedWeights
+
+        mapped = MappedWeights(onnx_path)
+        moved = 0
+        for name, param in module.named_parameters():
+            tensor = mapped.tensors.get(prefix + name)
+            if tensor is None or tensor.shape != param.shape or tensor.dtype != param.dtype:
+                continue
+            if torch.equal(tensor, param.detach()):
+                param.data = tensor
+                moved += tensor.nbytes
+        if moved:
+            self._mapped.append(mapped)
+            log.info("%s: %.2f GB of weights now read from the exported file", onnx_path, moved / 2**30)
+        mapped.release()
+        trim_memory()
+        return moved
+
+    def release(self) -> None:
+        """Drop the adopted weights' pages from resident memory (and return freed heap to the system)."""
+        for mapped in self._mapped:
+            mapped.release()
+        trim_memory()
+
+
+def adopt_weights(job: ModelJob, nets: PipelineNets, baker: VariantBaker, onnx_path: Path,
+                  weights: ExportWeights) -> None:
+    """After ``job``'s network was exported to (or found unchanged at) ``onnx_path``: its weights move onto
+    the file (:class:`ExportWeights`). Only a traced network's graph holds all of its parameters by name."""
+    if job.network == "unet_lora" or job.is_variant:
+        return
+    module, _ = (nets.unet, {}) if job.network == "unet" else network_module(nets, baker, job)
+    if weights.adopt(module, onnx_path) and job.network == "unet":
+        baker.W_init = unet_weights(nets.unet.unet)  # the baker reads W_init from the file's pages too
+
+
+def trim_memory() -> None:
+    """Collect garbage and return the C heap's free pages to the system (glibc ``malloc_trim``)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _examples(spec: NetworkSpec, hw: tuple[int, int], batch: int, seed: int) -> dict[str, torch.Tensor]:
     from .onnx_export import example_inputs
     from .runtime_export import runtime_examples
@@ -75,20 +143,24 @@ def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, tor
 
 def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: EngineRange, options: ExportOptions,
                 runner: str, staging: Path, specs: Mapping[str, NetworkSpec], base_onnx: Path | None = None,
-                base_engine: Path | None = None) -> dict:
+                base_engine: Path | None = None, weights: ExportWeights | None = None) -> dict:
     """Export one model into ``staging/<name>``, check it against PyTorch, return its manifest record.
 
     ``base_onnx``: the W_init UNet graph variants are derived from; ``base_engine``: its
     ``model.plan``, refitted into a variant's engine (``--runtime tensorrt``), when there is one.
+    ``weights``: the export's :class:`ExportWeights` (a traced network's parameters move onto its
+    exported file, and are dropped from memory while ONNX Runtime checks a graph).
     """
     from .onnx_export import export_onnx
     from .onnx_variants import derive_variant
-    from .parity import run_parity
+    from .parity import compare_outputs, reference_outputs
 
     from .unet_runner import UNET_RUNNER, served_by_runner, write_changed, write_runner
 
     if job.network == UNET_RUNNER:  # no weights of its own: the config and the runner's model.py
         return {**write_runner(staging / job.name, specs["unet"], engine.max_batch), "key": job.key}
+
+    weights = weights or ExportWeights()
     # 1. the graph: derived from W_init's, or traced
     spec = specs[job.network]
     if job.network == "unet_lora":  # W_init + runtime LoRA branches (:mod:`.runtime_network`)
@@ -99,6 +171,7 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     else:
         module, params = network_module(nets, baker, job)
         net = _Baked(module, params).eval()
+        weights.release()  # baking read W_init's pages of the routed modules: the parity run needs the others
     target = staging / job.name
     shutil.rmtree(target, ignore_errors=True)
     (target / "1").mkdir(parents=True)
@@ -112,9 +185,16 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     else:
         export_onnx(net, spec, _examples(spec, (size, size), 2, 0), onnx_path)
         how = "traced"
+        if job.network != "unet_lora":  # from now on the weights are the exported file's pages
+            adopt_weights(job, nets, baker, onnx_path, weights)
     seconds = time.perf_counter() - t0
-    # 2. parity with PyTorch
-    report = run_parity(net, onnx_path, spec, _parity_inputs(spec, engine))
+    # 2. parity with PyTorch: its outputs first, then the network's memory goes before ONNX Runtime's comes
+    inputs = _parity_inputs(spec, engine)
+    refs = reference_outputs(net, spec, inputs)
+    del net, params
+    weights.release()
+    report = compare_outputs(onnx_path, spec, inputs, refs)
+    trim_memory()
     tolerance = PARITY_TOLERANCE[job.network]
     if report["worst_abs_err"] > tolerance:
         raise ExportError(f"{job.name}: ONNX Runtime differs from PyTorch by {report['worst_abs_err']:.3g} "

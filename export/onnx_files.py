@@ -10,16 +10,21 @@ half-written model is ever visible.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .specs import NetworkSpec, TensorSpec
 
-__all__ = ["EXTERNAL_THRESHOLD", "consolidate_external_data", "publish_onnx", "onnx_io", "check_onnx_contract",
+__all__ = ["EXTERNAL_THRESHOLD", "MappedWeights", "consolidate_external_data", "publish_onnx", "onnx_io",
+           "check_onnx_contract",
            "onnx_initializer_hashes", "iter_initializers", "value_info_dims"]
 
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors stay inline in model.onnx
 _ALIGN = 64
+# ONNX TensorProto data types -> torch dtype names (:class:`MappedWeights`)
+_TORCH_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 6: "int32", 7: "int64"}
 
 
 def value_info_dims(vi) -> tuple:
@@ -65,18 +70,30 @@ def _tensor_bytes(tensor, base_dir: Path) -> bytes:
 
 
 def consolidate_external_data(model, src_dir: Path, dst_model: Path,
-                              threshold: int = EXTERNAL_THRESHOLD) -> int:
+                              threshold: int = EXTERNAL_THRESHOLD, replace: Mapping[str, object] | None = None) -> int:
     """Write ``model`` as ``dst_model`` + ``dst_model.data``: every initializer >= ``threshold``
     bytes goes to the one data file, read one tensor at a time from wherever it is now
     (inline, or external files under ``src_dir``; the TorchScript exporter writes one file
     per tensor past 2 GiB). ``model`` (loaded with ``load_external_data=False``) is
-    modified in place. Returns the data file's size.
+    modified in place. ``replace``: initializer name -> new value (a C-contiguous numpy
+    array of the initializer's dtype and shape, checked by the caller), written in place of
+    the old bytes straight from the array (no copy in the graph). Returns the data file's size.
     """
     import onnx
 
+    replace = replace or {}
     data_name = dst_model.name + ".data"
     with open(dst_model.parent / data_name, "wb") as out:
         for tensor in iter_initializers(model.graph):
+            if tensor.name in replace:
+                blob = memoryview(replace[tensor.name]).cast("B")
+                _clear_data(tensor)
+                if len(blob) < threshold:  # small: inline, as any small initializer
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.raw_data = blob.tobytes()
+                    continue
+                _append_external(tensor, out, blob, data_name)
+                continue
             external = tensor.data_location == onnx.TensorProto.EXTERNAL
             if tensor.data_type == onnx.TensorProto.STRING:
                 continue  # no raw byte layout; never large in these graphs
@@ -86,19 +103,8 @@ def consolidate_external_data(model, src_dir: Path, dst_model: Path,
             blob = _tensor_bytes(tensor, src_dir)
             if not external and len(blob) < threshold:
                 continue
-            pad = -out.tell() % _ALIGN
-            if pad:
-                out.write(b"\0" * pad)
-            offset = out.tell()
-            out.write(blob)
-            for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                        "uint64_data", "string_data"):
-                tensor.ClearField(fld)
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
-                e = tensor.external_data.add()
-                e.key, e.value = k, v
+            _clear_data(tensor)
+            _append_external(tensor, out, blob, data_name)
         out.flush()
         os.fsync(out.fileno())
         data_bytes = out.tell()
@@ -107,6 +113,27 @@ def consolidate_external_data(model, src_dir: Path, dst_model: Path,
         f.flush()
         os.fsync(f.fileno())
     return data_bytes
+
+
+def _clear_data(tensor) -> None:
+    for fld in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(fld)
+    del tensor.external_data[:]
+
+
+def _append_external(tensor, out, blob, data_name: str) -> None:
+    """Append ``blob`` to the open data file (aligned) and point ``tensor`` at it."""
+    import onnx
+
+    pad = -out.tell() % _ALIGN
+    if pad:
+        out.write(b"\0" * pad)
+    offset = out.tell()
+    out.write(blob)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+        e = tensor.external_data.add()
+        e.key, e.value = k, v
 
 
 def publish_onnx(final: Path, path: Path) -> Path:
@@ -174,3 +201,57 @@ def onnx_initializer_hashes(path: Path) -> dict[str, str]:
         h.update(_tensor_bytes(tensor, path.parent))
         out[tensor.name] = h.hexdigest()
     return out
+
+
+class MappedWeights:
+    """The external-data initializers of an ONNX file as torch tensors over a private mapping of its data file.
+
+    The exporter points a network's parameters at the weights it has just exported (byte-equal,
+    checked): their memory is then the page cache of the file, which :meth:`release` drops from
+    this process (``MADV_DONTNEED``; the next read faults the pages back in from the file) while
+    ONNX Runtime holds its own copy during a parity check. ``tensors``: name -> tensor (read-only in
+    practice: a write would stay private to this process and be dropped by :meth:`release`).
+    """
+
+    def __init__(self, path: Path):
+        import onnx
+        import torch
+
+        path = Path(path)
+        model = onnx.load(str(path), load_external_data=False)
+        self._maps: dict[str, mmap.mmap | None] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+                continue
+            info = _external_info(tensor)
+            dtype = _TORCH_DTYPES.get(tensor.data_type)
+            if dtype is None:
+                continue  # not a type the networks' parameters have: left out
+            dtype = getattr(torch, dtype)
+            buffer = self._map(path.parent / info["location"])
+            if buffer is None:
+                continue
+            offset, count = int(info.get("offset", 0)), 1
+            for d in tensor.dims:
+                count *= int(d)
+            if offset % dtype.itemsize or offset + count * dtype.itemsize > len(buffer):
+                continue
+            if not count:
+                continue
+            flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+            self.tensors[tensor.name] = flat.view(tuple(int(d) for d in tensor.dims))
+
+    def _map(self, file: Path) -> mmap.mmap | None:
+        key = str(file)
+        if key not in self._maps:
+            with open(file, "rb") as f:  # the mapping outlives the descriptor (and a rename or unlink of the file)
+                size = os.fstat(f.fileno()).st_size
+                self._maps[key] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        return self._maps[key]
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident memory; the tensors stay valid."""
+        for m in self._maps.values():
+            if m is not None:
+                m.madvise(mmap.MADV_DONTNEED)

@@ -26,11 +26,12 @@ class VariantExportError(RuntimeError):
 def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path) -> None:
     """Write ``path`` (+ ``path.data``): the graph of ``base`` with ``overrides`` (initializer name -> tensor).
 
-    The base's weights are copied one tensor at a time (never all in memory); written in a
-    temp folder and moved into place.
+    The base's weights are copied one tensor at a time (never all in memory), the new ones
+    written straight from their tensors (no copy in the graph); written in a temp folder and
+    moved into place.
     """
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from .onnx_files import consolidate_external_data, publish_onnx
 
@@ -40,16 +41,17 @@ def derive_variant(base: Path, overrides: Mapping[str, torch.Tensor], path: Path
     missing = sorted(set(overrides) - set(by_name))
     if missing:
         raise VariantExportError(f"{base}: no initializer named {missing[0]!r} (and {len(missing) - 1} more)")
+    arrays = {}
     for name, value in overrides.items():
         old = by_name[name]
         array = value.detach().cpu().numpy().astype(helper.tensor_dtype_to_np_dtype(old.data_type), copy=False)
         if tuple(old.dims) != array.shape:
             raise VariantExportError(f"{base}: initializer {name!r} has shape {tuple(old.dims)}, new weight {array.shape}")
-        old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        arrays[name] = np.ascontiguousarray(array)  # a view of the tensor when it already is one
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        consolidate_external_data(model, base.parent, staging / path.name)
+        consolidate_external_data(model, base.parent, staging / path.name, replace=arrays)
         publish_onnx(staging / path.name, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -18,17 +18,22 @@ CPU = ("CPUExecutionProvider",)
 
 
 def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                initializers: Mapping[str, Any] | None = None):
+                initializers: Mapping[str, Any] | None = None, arena: bool = True):
     """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it).
 
     ``threads``: intra-op threads (None or 0: ONNX Runtime's choice). ``providers``: default CPU.
     ``initializers``: name -> ``OrtValue`` used instead of the graph's own (``SessionOptions.add_initializer``:
     ONNX Runtime does not read those from the file, and sessions given the same OrtValue share its memory;
     the caller keeps the values alive as long as the session).
+    ``arena=False``: no CPU memory arena, each intermediate tensor is allocated and freed as it
+    lives (the arena grows by doubling and keeps its peak; a short-lived check session needs
+    only what is alive at once). Same kernels, same results.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not arena:
+        options.enable_cpu_mem_arena = False
     if threads:
         options.intra_op_num_threads = int(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -49,8 +54,9 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None,
-                 initializers: Mapping[str, Any] | None = None):
-        self.session = ort_session(path, providers=providers, threads=threads, initializers=initializers)
+                 initializers: Mapping[str, Any] | None = None, arena: bool = True):
+        self.session = ort_session(path, providers=providers, threads=threads, initializers=initializers,
+                                   arena=arena)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,8 @@ from craft_ops.request import Defaults
 from craft_ops.routing import Routing, RoutingError, resolve_routing
 from craft_ops.sampling import MODES, SCHEDULERS
 
-__all__ = ["RecipeError", "LoraSpec", "EngineRange", "Recipe", "load_recipe", "parse_recipe", "recipe_paths",
-           "ARCH_DEFAULTS"]
+__all__ = ["RecipeError", "LoraSpec", "EngineRange", "Recipe", "load_recipe", "load_confined_recipe", "parse_recipe",
+           "recipe_paths", "ARCH_DEFAULTS"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -262,3 +262,18 @@ def recipe_paths(recipe: Recipe) -> list[tuple[str, Path]]:
     paths = [("recipe", recipe.path), ("base.path", recipe.base)]
     paths += [(f"base.{k}", p) for k, p in (("backbone", recipe.backbone), ("config", recipe.config)) if p]
     return paths + [(f"lora {spec.name!r}.path", spec.path) for spec in recipe.loras]
+
+
+def load_confined_recipe(path: Path | str, confine_to: Sequence[Path] = ()) -> Recipe:
+    """:func:`load_recipe`, then every path it names checked to resolve inside ``confine_to`` (when given);
+    a path outside is an :class:`~craft_export.options.ExportError` naming the field."""
+    from .options import ExportError
+    from .safe_files import UnsafeFileError, check_confined
+
+    recipe = load_recipe(path)
+    if confine_to:
+        try:
+            check_confined(recipe_paths(recipe), confine_to)
+        except UnsafeFileError as exc:
+            raise ExportError(str(exc)) from exc
+    return recipe
