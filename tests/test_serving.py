@@ -523,21 +523,34 @@ def test_fuzzed_requests_get_invalid_arg_or_succeed_and_server_stays_up(served):
 
     from test_hostile_input import fuzz_requests
 
+    import psutil
+
     s = served["sd15"]
     c = grpcclient.InferenceServerClient(s.grpc)
     outcomes = {"ok": 0, "invalid": 0}
+
+    def resident_mib() -> float:  # craft serve, tritonserver and every stub
+        root = psutil.Process(s.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+
+    rss = []
     try:
-        for i, arrays in enumerate(fuzz_requests(seed=31, count=24)):
-            arrays["steps"] = np.array([2], np.int32)  # the loop's length is fuzzed in-process; keep this bounded
-            inputs = [_raw_input(grpcclient, n, a) for n, a in arrays.items() if a.ndim > 0]
-            try:
-                c.infer("craft_pipeline", inputs, client_timeout=120)
-                outcomes["ok"] += 1
-            except InferenceServerException as exc:
-                assert "INVALID_ARG" in str(exc.status()), (i, exc.status(), exc.message())
-                outcomes["invalid"] += 1
+        for _ in range(2):  # the same seeded requests twice: the second round must not grow memory
+            for i, arrays in enumerate(fuzz_requests(seed=31, count=24)):
+                arrays["steps"] = np.array([2], np.int32)  # the loop's length is fuzzed in-process; keep this bounded
+                inputs = [_raw_input(grpcclient, n, a) for n, a in arrays.items() if a.ndim > 0]
+                try:
+                    c.infer("craft_pipeline", inputs, client_timeout=120)
+                    outcomes["ok"] += 1
+                except InferenceServerException as exc:
+                    assert "INVALID_ARG" in str(exc.status()), (i, exc.status(), exc.message())
+                    outcomes["invalid"] += 1
+            rss.append(resident_mib())
         assert outcomes["invalid"] > 0, outcomes
         assert c.is_server_ready() and c.is_model_ready("craft_pipeline") and s.proc.poll() is None
+        print(f"fuzz: {outcomes}; server tree resident after round 1 {rss[0]:.0f} MiB, after round 2 {rss[1]:.0f} MiB")
+        assert rss[1] - rss[0] < 64, f"memory grew {rss[1] - rss[0]:.0f} MiB over a repeated fuzz round"
     finally:
         c.close()
 
