@@ -250,6 +250,34 @@ def test_stream_cancellation_stops_work(served):
         assert time.monotonic() - t0 < 60
 
 
+def test_unary_cancellation_stops_work(served):
+    """A unary request whose caller goes away (the asyncio task awaiting it is cancelled, which cancels
+    the gRPC call): the pipeline's loop stops at its next step, named in the server's log."""
+    import asyncio
+
+    from craft_client import AsyncCraftClient
+
+    s = served["sd15"]
+
+    async def run() -> None:
+        async with AsyncCraftClient(s.grpc, "grpc", timeout=300) as client:
+            task = asyncio.create_task(client.generate("a dog <c>", **_fields(content="dog", steps=399)))
+            await asyncio.sleep(4.0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    asyncio.run(run())
+    stopped = _wait_log(s.log, r"request cancelled by the client; stopped after step (\d+) of 399")
+    assert int(stopped.group(1)) < 399, stopped.group(0)
+    with s.client() as client:  # the server is free again
+        t0 = time.monotonic()
+        client.generate("a dog <c>", **_fields(content="dog"))
+        assert time.monotonic() - t0 < 60
+
+
 def _wait_log(log: Path, pattern: str, timeout: float = 60.0):
     import re
 
