@@ -129,6 +129,15 @@ def _valid_array(rng: random.Random, name: str) -> np.ndarray:
     return np.array(value, dtype=np_dtype)
 
 
+def raw_input(mod, name: str, arr: np.ndarray):
+    """A tritonclient ``InferInput`` of ``arr`` as it is (its dtype decides the wire type)."""
+    wire = {"O": "BYTES", "f": {4: "FP32", 8: "FP64"}, "i": {4: "INT32", 8: "INT64"}, "u": {1: "UINT8"}, "b": "BOOL"}
+    kind = wire[arr.dtype.kind]
+    inp = mod.InferInput(name, list(arr.shape), kind if isinstance(kind, str) else kind[arr.dtype.itemsize])
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
 def fuzz_requests(seed: int, count: int):
     """Valid requests with 0-4 fields replaced by random dtypes, shapes and values, or unknown inputs added."""
     rng = random.Random(seed)

@@ -536,20 +536,12 @@ def test_serve_on_a_busy_port_fails_before_loading(served, capsys, tmp_path):
     assert not list(s.repo.parent.glob(f"{s.repo.name}-tritonserver-{busy}.log"))
 
 
-def _raw_input(mod, name: str, arr: np.ndarray):
-    wire = {"O": "BYTES", "f": {4: "FP32", 8: "FP64"}, "i": {4: "INT32", 8: "INT64"}, "u": {1: "UINT8"}, "b": "BOOL"}
-    kind = wire[arr.dtype.kind]
-    inp = mod.InferInput(name, list(arr.shape), kind if isinstance(kind, str) else kind[arr.dtype.itemsize])
-    inp.set_data_from_numpy(arr)
-    return inp
-
-
 def test_fuzzed_requests_get_invalid_arg_or_succeed_and_server_stays_up(served):
     """Seeded random requests (test_hostile_input.fuzz_requests, steps pinned low) sent raw over gRPC."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from test_hostile_input import fuzz_requests
+    from test_hostile_input import fuzz_requests, raw_input
 
     import psutil
 
@@ -567,7 +559,7 @@ def test_fuzzed_requests_get_invalid_arg_or_succeed_and_server_stays_up(served):
         for _ in range(2):  # the same seeded requests twice; resident memory after each round is printed
             for i, arrays in enumerate(fuzz_requests(seed=31, count=24)):
                 arrays["steps"] = np.array([2], np.int32)  # the loop's length is fuzzed in-process; keep this bounded
-                inputs = [_raw_input(grpcclient, n, a) for n, a in arrays.items() if a.ndim > 0]
+                inputs = [raw_input(grpcclient, n, a) for n, a in arrays.items() if a.ndim > 0]
                 try:
                     c.infer("craft_pipeline", inputs, client_timeout=120)
                     outcomes["ok"] += 1
