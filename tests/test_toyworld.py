@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,8 @@ def test_degrade_keeps_some_renders_clean_and_darkens_only_objects():
 
 @pytest.mark.slow
 @pytest.mark.extended
+@pytest.mark.skipif(not os.environ.get("CRAFT_TEST_JUDGE_TRAINING"),
+                    reason="~10 min of CPU (measured by hand: 100 % / 99.4 %); set CRAFT_TEST_JUDGE_TRAINING=1 to run it")
 @needs_assets
 def test_judge_trainer_reaches_98_percent_from_its_seed(tmp_path):
     """``craft toyworld train-judges`` with its defaults (seed 0) on the committed base: >= 98 % shape and
