@@ -53,6 +53,7 @@ __all__ = [
     "server_args",
     "free_port",
     "reserve_ports",
+    "interrupt",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -89,6 +90,20 @@ _reserve_ports = reserve_ports
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago (the usual small race applies)."""
     return reserve_ports(1)[0]
+
+
+def interrupt(proc: subprocess.Popen, grace: float = 30.0) -> int:
+    """Stop a `craft serve` process: SIGINT (it stops its tritonserver), SIGKILL after ``grace`` s.
+
+    Returns the exit code. A SIGKILL first would orphan the tritonserver it started.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 @dataclass(frozen=True)

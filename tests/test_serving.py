@@ -18,7 +18,7 @@ import pytest
 from craft_client import CraftClient, CraftServerError
 from craft_export.exporter import ExportOptions, export_repository
 from craft_ops.request import GenerateRequest
-from craft_serving.triton_server import TritonServerError, find_tritonserver, reserve_ports
+from craft_serving.triton_server import TritonServerError, find_tritonserver, interrupt, reserve_ports
 
 pytestmark = pytest.mark.server
 
@@ -87,11 +87,7 @@ def served(demo_dir, tmp_path_factory):
         yield servers
     finally:
         for s in servers.values():
-            s.proc.send_signal(signal.SIGINT)
-            try:
-                s.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                s.proc.kill()
+            interrupt(s.proc)
 
 
 def _file_id(repo: Path) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from craft_export.exporter import ExportOptions, export_repository
+from craft_serving.triton_server import interrupt
 from stub_faults_util import kill_stub_under_load, stub_pid
 from test_serving import STUB_BACK_BOUND_S, STUB_FAIL_BOUND_S, Served, _fields, _recipe, _serve, _wait_log
 
@@ -40,12 +40,7 @@ def server(demo_dir, tmp_path_factory):
     try:
         yield served
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        interrupt(proc, 60)
 
 
 def _solo(served, prompt: str, fields: dict) -> np.ndarray:

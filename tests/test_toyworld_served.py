@@ -6,14 +6,13 @@ on a loaded 2-core machine.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 
 from craft_export.exporter import ExportOptions, export_repository
 from craft_ops.request import GenerateRequest
+from craft_serving.triton_server import interrupt
 from test_serving import Served, _close, _fields, _serve
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.extended]
@@ -33,11 +32,7 @@ def served_toy(tmp_path_factory):
     try:
         yield Served(repo, recipe, proc, http, grpc, root / "toy.log")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
 
 
 def test_toy_world_served_matches_local(served_toy):

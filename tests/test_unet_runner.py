@@ -12,8 +12,6 @@ runtime`` while the server runs is served on the next request, without a Triton 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 from craft_export.exporter import ExportOptions, export_repository
 from craft_ops.request import GenerateRequest
 
+from craft_serving.triton_server import interrupt
 from test_serving import _serve
 
 pytestmark = pytest.mark.server
@@ -49,11 +48,7 @@ def runtime_served(demo_dir, tmp_path_factory, one_torch_thread):
     try:
         yield repo, CraftClient(f"127.0.0.1:{grpc}", "grpc"), log
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)
 
 
 def _want(ref, **kw) -> np.ndarray:
