@@ -25,7 +25,9 @@ from craft_ops.request import GenerateRequest
 from craft_serving.triton_server import interrupt
 from test_serving import _serve
 
-pytestmark = pytest.mark.server
+# extended: about 2 minutes (an export and a server start); the default suite checks the same images
+# in-process (tests/test_runtime_export.py), and .ci/run runs this module with `make test-extended`
+pytestmark = [pytest.mark.server, pytest.mark.extended]
 
 STEPS = 4
 MAX_RANK = 8
