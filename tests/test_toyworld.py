@@ -198,6 +198,8 @@ def test_train_command_runs_end_to_end_quick(tmp_path, capsys):
         assert (base / sub).is_dir(), sub
     log = json.loads((base / "train_log.json").read_text())
     assert log["config"]["unet_steps"] == "3" and len(log["unet_loss"]) == 1
+    assert set(log["cpu_seconds"]) == set(log["seconds"]) == {"render", "vae", "unet", "total"}
+    assert 0 < log["cpu_seconds"]["unet"] <= log["cpu_seconds"]["total"]
     assert Judges.load(tmp_path / "judges.safetensors") is not None
     judges_log = json.loads((tmp_path / "judges_log.json").read_text())
     assert judges_log["steps"] == 3 and judges_log["config"]["p_clean"] == 0.125

@@ -36,7 +36,7 @@ def train_judges_for(base: Path, out: Path, *, seed: int = 0, quick: bool = Fals
     from diffusers import AutoencoderKL
 
     _threads()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vae = AutoencoderKL.from_pretrained(Path(base) / "vae", torch_dtype=torch.float32).eval()
     config = JudgeTrainConfig(seed=seed, **({"pool": 64, "steps": 3, "batch": 8} if quick else {}))
     if steps is not None:
@@ -47,6 +47,7 @@ def train_judges_for(base: Path, out: Path, *, seed: int = 0, quick: bool = Fals
     judges.save(out)
     log["accuracy_fresh_renders"] = accuracy(judges, seed + 424242, 100 if quick else 1000)
     log["seconds_with_accuracy"] = time.perf_counter() - t0
+    log["cpu_seconds_with_accuracy"] = time.process_time() - c0  # all threads; wall on an idle core at 1 thread
     log["threads"] = torch.get_num_threads()
     log["load_average_end"] = list(os.getloadavg())
     out.with_name("judges_log.json").write_text(json.dumps(log, indent=1))

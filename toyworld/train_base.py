@@ -211,21 +211,26 @@ def train_base(config: BaseTrainConfig, progress: StageProgress | None = None) -
     """Render, train VAE and UNet, write the fp16 diffusers folder ``config.out``; returns it."""
     from transformers import CLIPTokenizer
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    # wall seconds depend on the machine's load; CPU seconds (all threads of this process) do not,
+    # and with one torch thread they are what the run takes on an idle core
     record: dict = {"config": {k: str(v) for k, v in asdict(config).items()}, "threads": torch.get_num_threads(),
-                    "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()), "seconds": {}}
+                    "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()), "seconds": {},
+                    "cpu_seconds": {}}
     # 1. data
     scenes, pixels = render_dataset(config.seed, config.images, progress)
     images = to_tensor(pixels)
     record["seconds"]["render"] = time.perf_counter() - t0
+    record["cpu_seconds"]["render"] = time.process_time() - c0
     # 2. VAE, latents and their scale
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     vae = train_vae(config, images, record, progress)
     raw = encode_all(vae, images)
     scale = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scale)
     latents = raw * scale
     record["seconds"]["vae"] = time.perf_counter() - t
+    record["cpu_seconds"]["vae"] = time.process_time() - c
     record["scaling_factor"] = scale
     # 3. text encoder and captions
     config.out.mkdir(parents=True, exist_ok=True)
@@ -233,12 +238,14 @@ def train_base(config: BaseTrainConfig, progress: StageProgress | None = None) -
     tokenizer = CLIPTokenizer.from_pretrained(config.out / "tokenizer")
     encoder = build_text_encoder(vocab, config.seed + 2)
     # 4. UNet
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     unet = train_unet(config, latents, scenes, CaptionCache(tokenizer, encoder), record, progress)
     record["seconds"]["unet"] = time.perf_counter() - t
+    record["cpu_seconds"]["unet"] = time.process_time() - c
     # 5. files
     save_base(config.out, unet, vae, encoder)
     record["seconds"]["total"] = time.perf_counter() - t0
+    record["cpu_seconds"]["total"] = time.process_time() - c0
     record["load_average_end"] = list(os.getloadavg())
     (config.out / "train_log.json").write_text(json.dumps(record, indent=1))
     return config.out
