@@ -12,7 +12,6 @@ Order of work (nothing in REPO changes before step 5):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from craft_ops.aggregate import Variant
 
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
-from .manifest_schema import MANIFEST, EngineInfo, LoraRecord, manifest_json, variant_record
+from .manifest_schema import EngineInfo, LoraRecord, manifest_json, variant_record
 from .model_build import ExportWeights, adopt_weights, build_model, engine_path
 from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
