@@ -22,11 +22,11 @@ from craft_ops.aggregate import Variant
 
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
+from .lora_register import register_fast
 from .manifest_schema import EngineInfo, LoraRecord, manifest_json, variant_record
 from .model_build import ExportWeights, adopt_weights, build_model, engine_path
 from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
-from .lora_register import register_fast
 from .options import ExportError, ExportOptions, ExportReport, ModelJob
 from .plan import FORMAT_VERSION, parse_pairs, plan_variants, stable_hash, variant_key, variant_model_name
 from .recipe import EngineRange, Recipe, load_confined_recipe
