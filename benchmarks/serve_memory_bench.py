@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -103,14 +104,17 @@ def export(craft: str, recipe: Path, repo: Path, lora_mode: str) -> dict:
     cmd = [craft, "export", "--recipe", str(recipe), "--out", str(repo), "--runner", "python", "--json"]
     if lora_mode == "runtime":
         cmd += ["--lora-mode", "runtime", "--max-rank", "4"]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     run = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         summary = json.loads(run.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):  # an older craft without --json
         summary = {}
-    return {"wall_s": wall, "summary": summary}
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "summary": summary}
 
 
 def build_repo(work: Path, craft: str, contents: int, styles: int, lora_mode: str) -> tuple[Path, list, float]:
@@ -139,7 +143,8 @@ def _new_lora(work: Path, args, repo: Path, grpc: int) -> dict:
         c.generate("a dog <c> in style <s>", content="c0", style="snew", steps=STEPS, seed=2)
         again = time.perf_counter() - t1
     summary = done["summary"]
-    return {"export_s": round(exported, 2), "export_in_process_s": summary.get("seconds"),
+    return {"export_s": round(exported, 2), "export_cpu_s": round(done["cpu_s"], 2),
+            "export_in_process_s": summary.get("seconds"),
             "fast_path": summary.get("fast_path", False), "built": len(summary.get("built", [])),
             "first_image_after_export_s": round(served - exported, 2), "file_to_served_s": round(served, 2),
             "next_image_s": round(again, 2), "steps": STEPS, "load_average_before": load_before,
@@ -153,7 +158,7 @@ def _new_lora_md(n: dict) -> str:
     return (f"\nNew style LoRA while serving (load average {n['load_average_before']} before, "
             f"{n['load_average_after']} after):\n\n"
             f"| step | seconds |\n|---|---|\n"
-            f"| `craft export` (process; {how}) | {n['export_s']} |\n"
+            f"| `craft export` (process; {how}) | {n['export_s']} (CPU {n.get('export_cpu_s', '?')}) |\n"
             f"| of which inside the exporter | {n['export_in_process_s']} |\n"
             f"| first image ({n['steps']} steps) with it, after the export | {n['first_image_after_export_s']} |\n"
             f"| **new file -> first image served** | **{n['file_to_served_s']}** |\n"
