@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from craft_export.options import LORA_MODES, PRECISIONS, RUNNERS, RUNTIMES
@@ -16,7 +17,8 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from craft_export.exporter import ExportOptions, export_repository
+    from craft_export.lora_register import register_fast
+    from craft_export.options import ExportOptions
 
     confine = args.confine_to or [p for p in os.environ.get("CRAFT_CONFINE_TO", "").split(os.pathsep) if p]
     options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
@@ -24,7 +26,13 @@ def run(args: argparse.Namespace) -> int:
                             keep_onnx=args.keep_onnx, confine_to=tuple(Path(p) for p in confine),
                             lora_mode=args.lora_mode, max_rank=args.max_rank)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = export_repository(options, progress=say)
+    t_start = time.perf_counter()
+    # registering runtime LoRAs needs neither torch nor the exporter: import them only when networks are built
+    report = register_fast(options, progress=say)
+    if report is None:
+        from craft_export.exporter import export_networks
+
+        report = export_networks(options, progress=say, t_start=t_start)
     if args.json:
         print(json.dumps(report.summary()))
     else:

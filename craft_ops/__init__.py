@@ -3,35 +3,44 @@ request planning and the request loop every pipeline runs (:func:`run_plan`).
 
 No file I/O and no ONNX / TensorRT / Triton imports: everything here takes and returns
 tensors (and callables), so the same code serves the PyTorch reference, the exporter and the server.
+
+Imports are lazy (PEP 562): ``from craft_ops import sample`` imports :mod:`.sampling` when asked, so
+that ``craft_ops.lora`` / ``craft_ops.runtime_lora`` / ``craft_ops.request`` can be used without
+loading torch (see :mod:`.lazy`).
 """
 
-from .aggregate import BASE, Variant, aggregate, routed_deltas
-from .conditioning import build_conditioning, run_plan, to_uint8, tokenize, unet_inputs
-from .gates import (
-    DEFAULT_CONTENT_WINDOW,
-    DEFAULT_STYLE_WINDOW,
-    GateError,
-    PromptGates,
-    Window,
-    check_gamma,
-    gate_schedule,
-    parse_prompt,
-    step_gates,
-)
-from .guidance import GUIDANCE_MAX, acfg, cfg, check_omega
-from .lora import LoraAdapter, LoraError, LoraFactors, adapter_deltas, detect_format, lora_delta, parse_lora
-from .rankft import merged_basis, orthonormal_basis, projection_residual, rank_schedule
-from .request import Defaults, GenerateRequest, Limits, LoraInfo, Plan, RequestError, plan_request
-from .routing import PRESETS, Routing, RoutingError, resolve_routing
-from .sampling import (
-    MODES,
-    SCHEDULERS,
-    SamplingConfig,
-    UNetCall,
-    initial_latents,
-    make_scheduler,
-    sample,
-    step_variants,
-)
+from __future__ import annotations
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+import importlib
+from typing import Any
+
+# submodule -> the names this package re-exports from it
+_EXPORTS = {
+    "aggregate": ("BASE", "Variant", "aggregate", "routed_deltas"),
+    "conditioning": ("build_conditioning", "run_plan", "to_uint8", "tokenize", "unet_inputs"),
+    "gates": ("DEFAULT_CONTENT_WINDOW", "DEFAULT_STYLE_WINDOW", "GateError", "PromptGates", "Window", "check_gamma",
+              "gate_schedule", "parse_prompt", "step_gates"),
+    "guidance": ("GUIDANCE_MAX", "acfg", "cfg", "check_omega"),
+    "lora": ("LoraAdapter", "LoraError", "LoraFactors", "adapter_deltas", "detect_format", "lora_delta", "parse_lora"),
+    "rankft": ("merged_basis", "orthonormal_basis", "projection_residual", "rank_schedule"),
+    "request": ("Defaults", "GenerateRequest", "Limits", "LoraInfo", "Plan", "RequestError", "plan_request"),
+    "routing": ("PRESETS", "Routing", "RoutingError", "resolve_routing"),
+    "sampling": ("MODES", "SCHEDULERS", "SamplingConfig", "UNetCall", "initial_latents", "make_scheduler", "sample",
+                 "step_variants"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'craft_ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
+from .lazy import torch
 
 __all__ = [
     "AdapterShapeError",
@@ -183,7 +183,7 @@ class FullDelta:
         return min(_flat(tuple(self.diff.shape)))
 
     def check(self, target: tuple[int, ...]) -> None:
-        if self.diff.numel() != math.prod(target) or self.diff.shape[0] != target[0]:
+        if math.prod(self.diff.shape) != math.prod(target) or self.diff.shape[0] != target[0]:
             raise AdapterShapeError(f"diff {tuple(self.diff.shape)} does not fit weight {tuple(target)}")
 
     def delta(self, target: tuple[int, ...]) -> torch.Tensor:
@@ -288,7 +288,7 @@ def build_lycoris(parts: Mapping[str, torch.Tensor], alpha: float | None) -> obj
                            parts.get("lokr_t2"), _rank_alpha(alpha, rank), rank)
     if "diff" in names:
         bias = parts.get("diff_b")
-        if bias is not None and bool(torch.as_tensor(bias).ne(0).any()):
+        if bias is not None and bool((bias != 0).any()):  # a torch tensor or a numpy array
             raise AdapterShapeError("non-zero bias delta diff_b: baked variants change weights only")
         return FullDelta(parts["diff"])
     raise AdapterShapeError(f"no adapter factors among {sorted(names)}")
@@ -301,13 +301,14 @@ def wrap_dora(inner: object, scale: torch.Tensor, target: tuple[int, ...], *, pe
     row. kohya / LyCORIS ``dora_scale``: (out, 1, ...) per output row, (1, in, ...) per input column.
     """
     shape = tuple(scale.shape)
+    numel = math.prod(shape)  # a torch tensor or a numpy array
     out, cin = target[0], target[1]
     if peft:
-        if scale.numel() != out:
+        if numel != out:
             raise AdapterShapeError(f"lora_magnitude_vector {shape} does not have {out} entries")
         return DoraFactors(inner, scale, "out")
-    if shape and shape[0] == out and scale.numel() == out:
+    if shape and shape[0] == out and numel == out:
         return DoraFactors(inner, scale, "out")
-    if len(shape) >= 2 and shape[0] == 1 and shape[1] == cin and scale.numel() == cin:
+    if len(shape) >= 2 and shape[0] == 1 and shape[1] == cin and numel == cin:
         return DoraFactors(inner, scale, "in")
     raise AdapterShapeError(f"dora_scale {shape} fits neither ({out}, 1, ...) nor (1, {cin}, ...)")

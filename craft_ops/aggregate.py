@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
+from .lazy import torch
 
 from .lora import LoraAdapter, LoraError, adapter_deltas
 from .routing import Routing

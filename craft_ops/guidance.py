@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from .lazy import torch
 
 __all__ = ["GUIDANCE_MAX", "acfg", "cfg", "check_omega"]
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import torch
+from .lazy import torch
 
 from .adapters import LYCORIS_PARTS, AdapterShapeError, BakedDelta, build_lycoris, wrap_dora
 from .sgm_names import sgm_names
@@ -174,7 +174,7 @@ def _group_factors(
         key = _strip_prefix(raw_key)
         module, part = _classify_key(key, fmt, kohya, raw_key)
         if part == "alpha":
-            alphas[module] = float(torch.as_tensor(tensor).float().reshape(-1)[0])
+            alphas[module] = float(tensor.reshape(-1)[0])  # a torch tensor or a numpy array
             continue
         groups.setdefault(module, {})[part] = tensor
     return groups, alphas
@@ -293,7 +293,7 @@ def _check_shapes(A: torch.Tensor, B: torch.Tensor, target: tuple[int, ...], mid
         raise AdapterShapeError(f"up/B factor must be 1x1, got {tuple(B.shape)}")
     if mid is not None:
         fits = (len(target) == 4 and mid.ndim == 4 and tuple(mid.shape[:2]) == (B.shape[1], rank)
-                and A.numel() == rank * target[1] and tuple(mid.shape[2:]) == tuple(target[2:])
+                and math.prod(A.shape) == rank * target[1] and tuple(mid.shape[2:]) == tuple(target[2:])
                 and B.shape[0] == target[0])
         if not fits:
             raise AdapterShapeError(f"Tucker factors up{tuple(B.shape)} mid{tuple(mid.shape)} down{tuple(A.shape)} "
@@ -316,19 +316,19 @@ def lora_delta(
     factors,
     target_shape: tuple[int, ...],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     adapter: str = "lora",
     module: str = "?",
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A module's ``dW`` in fp32, reshaped to the weight (Eq. 8); ``base`` (W_init) for DoRA."""
+    """A module's ``dW`` in ``dtype`` (default fp32), reshaped to the weight (Eq. 8); ``base`` (W_init) for DoRA."""
     try:
         delta = factors.delta(target_shape, base) if factors.needs_base else factors.delta(target_shape)
     except AdapterShapeError as exc:
         raise LoraError(f"LoRA {adapter!r}: module {module!r}: {exc}") from exc
     if not torch.isfinite(delta).all():
         raise LoraError(f"LoRA {adapter!r}: non-finite delta for module {module!r}")
-    return delta.to(dtype)
+    return delta.to(torch.float32 if dtype is None else dtype)
 
 
 def adapter_deltas(

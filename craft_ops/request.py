@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
+from .lazy import torch
 
 from .gates import DEFAULT_CONTENT_WINDOW, DEFAULT_STYLE_WINDOW, GateError, Window, parse_prompt
 from .guidance import GUIDANCE_MAX

@@ -30,7 +30,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
+
+from .lazy import torch
 
 from .lora import LoraAdapter, LoraError, LoraFactors
 from .routing import Routing
@@ -159,6 +161,9 @@ def runtime_factors(adapter: LoraAdapter, kind: str, routing: Routing,
                     layout: RuntimeLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (A (r, fan_in), B (d_out, r))}`` in fp32 for the runtime network, alpha/rank folded into B.
 
+    Factors come out as they went in: torch tensors, or numpy arrays (``craft export`` registering a
+    LoRA into a runtime repository reads the file with numpy and never imports torch).
+
     Only the modules inside the LoRA's own layer set are kept (Eq. 7, as the baked path does).
     Refuses (naming the LoRA, a module and the reason) anything the network cannot take.
     """
@@ -182,15 +187,26 @@ def runtime_factors(adapter: LoraAdapter, kind: str, routing: Routing,
             raise RuntimeLoraError(f"LoRA {adapter.name!r} has rank {f.rank} (module {name!r}), above the runtime "
                                    f"network's max rank {layout.max_rank}; re-export with a larger --max-rank or "
                                    f"bake it (--lora-mode baked)")
-        A = f.A.detach().to(torch.float32).reshape(f.rank, -1)
-        B = f.B.detach().to(torch.float32).reshape(f.B.shape[0], f.rank) * f.scale
-        if A.shape[1] != by_name[name].fan_in or B.shape[0] != by_name[name].d_out:
+        A = _fp32_rows(f.A, f.rank)
+        B = _fp32_rows(f.B, f.B.shape[0]) * f.scale
+        if A.shape[1] != by_name[name].fan_in or tuple(B.shape) != (by_name[name].d_out, f.rank):
             raise RuntimeLoraError(f"LoRA {adapter.name!r}: module {name!r}: factors A{tuple(f.A.shape)} "
                                    f"B{tuple(f.B.shape)} do not fit weight {by_name[name].shape}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if not (_finite(A) and _finite(B)):
             raise RuntimeLoraError(f"LoRA {adapter.name!r}: non-finite factors in module {name!r}")
-        out[name] = (A.contiguous(), B.contiguous())
+        out[name] = (A, B)
     return out
+
+
+def _fp32_rows(t, rows: int):
+    """A factor as a contiguous fp32 (rows, -1) matrix of its own kind: torch tensor or numpy array."""
+    if isinstance(t, np.ndarray):
+        return np.ascontiguousarray(t.reshape(rows, -1), dtype=np.float32)
+    return t.detach().to(torch.float32).reshape(rows, -1).contiguous()
+
+
+def _finite(t) -> bool:
+    return bool(np.isfinite(t).all()) if isinstance(t, np.ndarray) else bool(torch.isfinite(t).all())
 
 
 def pad_factors(module: RuntimeModule, A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
+from .lazy import torch
 
 from .aggregate import BASE, Variant
 from .gates import DEFAULT_CONTENT_WINDOW, DEFAULT_STYLE_WINDOW, Window, step_gates

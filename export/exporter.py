@@ -12,7 +12,6 @@ Order of work (nothing in REPO changes before step 5):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +22,8 @@ from craft_ops.aggregate import Variant
 
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
-from .manifest_schema import MANIFEST, EngineInfo, LoraRecord, manifest_json, variant_record
+from .lora_register import register_fast
+from .manifest_schema import EngineInfo, LoraRecord, manifest_json, variant_record
 from .model_build import ExportWeights, adopt_weights, build_model, engine_path
 from .network_specs import network_specs
 from .networks import PipelineNets, pipeline_nets
@@ -34,11 +34,12 @@ from .recipe_models import LoadedLora, RecipeModels, load_recipe_models
 from .repo_files import stage_pipeline
 from .runtime_plan import RuntimeSide, plan_runtime_variants, runtime_side
 from .unet_runner import UNET_MODEL, UNET_RUNNER, runner_key, served_by_runner
-from .staging import RepoTransaction, describe_failure, folder_key, is_leftover
+from .staging import RepoTransaction, describe_failure, existing_manifest, folder_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportOptions", "ExportReport", "ModelJob", "export_repository", "plan_jobs"]
+__all__ = ["ExportError", "ExportOptions", "ExportReport", "ModelJob", "export_repository", "export_networks",
+           "plan_jobs"]
 
 
 # -- 1. validation -------------------------------------------------------------------------------
@@ -67,33 +68,6 @@ class Loaded:
     @property
     def loras(self) -> dict[str, LoadedLora]:
         return self.models.loras
-
-
-def _check_runtime(options: ExportOptions) -> None:
-    if options.runtime != "tensorrt":
-        if options.precision != "fp32":
-            log.warning("--precision %s with onnxruntime on CPU: exporting fp32 weights (DESIGN-NOTES 9)", options.precision)
-        return
-    from .tensorrt_build import check_tensorrt_available
-
-    check_tensorrt_available()
-
-
-def _check_out(out: Path) -> dict | None:
-    """The existing manifest, or None for a new/empty folder; refuse foreign non-empty folders."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        try:
-            return json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ExportError(f"{manifest}: unreadable manifest ({exc}); remove the folder to start afresh") from exc
-    if any(not is_leftover(p.name) for p in out.iterdir()):
-        raise ExportError(f"--out {out} is not empty and holds no {MANIFEST}: refusing to write into it")
-    return None
 
 
 def load_everything(options: ExportOptions) -> Loaded:
@@ -198,17 +172,19 @@ def _manifest(loaded: Loaded, jobs: list[ModelJob], records: Mapping[str, dict],
 def export_repository(options: ExportOptions, progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
     """Run an export (see module docstring); returns what was built, reused and removed."""
     t_start = time.perf_counter()
-    out = Path(options.out).resolve()
-    # 1. validate everything before writing anything
-    old = _check_out(out)
-    _check_runtime(options)
-    if options.lora_mode == "runtime" and old:
-        from .lora_register import register_loras  # only LoRAs changed: factor files + manifest, no base loaded
+    # 1. validate --out and the runtime; only runtime LoRAs changed: factor files + manifest, no base loaded
+    report = register_fast(options, progress)
+    if report is not None:
+        return report
+    return export_networks(options, progress, t_start)
 
-        report = register_loras(options, out, old, progress)
-        if report is not None:
-            report.seconds = time.perf_counter() - t_start
-            return report
+
+def export_networks(options: ExportOptions, progress: Callable[[str], None] = lambda msg: None,
+                    t_start: float | None = None) -> ExportReport:
+    """The export past :func:`~craft_export.lora_register.register_fast` (which checked --out and the
+    runtime, and found that networks must be built): load, plan, build, commit."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    out = Path(options.out).resolve()
     runner = _detect_runner(options)
     if options.lora_mode == "runtime" and runner == "native":
         raise ExportError("--runner: --lora-mode runtime is served by the Python UNet runner only (the native "
@@ -240,7 +216,7 @@ def _reusable(out: Path, job: ModelJob, prev: Mapping | None, build: Mapping[str
 def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: ExportOptions,
                  progress: Callable[[str], None]) -> ExportReport:
     out, staging, report = txn.out, txn.models, ExportReport()
-    old = _check_out(out) or {}  # read again under the lock
+    old = existing_manifest(out) or {}  # read again under the lock
     specs = network_specs(loaded.parts.arch, loaded.parts, max_batch=loaded.engine.max_batch)
     if loaded.runtime is not None:
         specs[loaded.runtime.model] = loaded.runtime.spec(specs["unet"])

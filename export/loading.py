@@ -6,7 +6,6 @@ when loaded and are refused outright.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -20,7 +19,8 @@ import torch
 from craft_ops.lora import LoraAdapter, LoraError, bake_adapter, parse_lora
 
 from .lora_files import LoraFileError, metadata_alphas
-from .safe_files import UnsafeFileError, check_safetensors
+from .lora_read import LoadError, read_lora_file, sha256_file
+from .lora_read import require as _require
 from .single_file import SingleFileError, single_file_folder
 
 log = logging.getLogger(__name__)
@@ -38,27 +38,6 @@ __all__ = [
     "load_lora",
     "sha256_file",
 ]
-
-_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-
-
-class LoadError(ValueError):
-    """A file or folder that cannot be used, with its path in the message."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise LoadError(f"{what} not found: {path}")
-    return path
-
 
 def detect_arch(path: Path) -> str:
     """``sd15`` or ``sdxl`` from a diffusers folder's UNet config (or a bare UNet folder)."""
@@ -223,34 +202,6 @@ def unet_weights(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, m in unet.named_modules()
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     }
-
-
-def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a safetensors LoRA; pickles and broken files are refused."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise LoadError(f"{path}: pickle checkpoints ({path.suffix}) are refused; convert the LoRA to .safetensors")
-    _require(path, "LoRA file")
-    if not path.is_file():
-        raise LoadError(f"LoRA path is not a file: {path}")
-    if path.suffix.lower() != ".safetensors":
-        raise LoadError(f"{path}: only .safetensors LoRA files are accepted")
-    try:
-        check_safetensors(path)  # the header against the file size, before any tensor is read
-    except UnsafeFileError as exc:
-        raise LoadError(f"not a readable safetensors file: {exc}") from exc
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoadError(f"{path}: not a readable safetensors file ({exc})") from exc
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise LoadError(f"{path}: tensor {key!r} holds NaN or Inf values")
-    return tensors, metadata
 
 
 def load_lora(path: Path, module_shapes: Mapping[str, tuple[int, ...]], *, name: str,

@@ -19,14 +19,17 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from craft_ops.lazy import torch  # metadata_alphas runs without torch (runtime LoRA registration)
 from craft_ops.sgm_names import sgm_names
+
+if TYPE_CHECKING:
+    import torch as _torch
 
 __all__ = ["LoraFileError", "adapter_metadata", "save_lora", "save_kohya_lora", "metadata_alphas"]
 
-Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A / down (r, d_in...), B / up (d_out, r...))
+Factors = Mapping[str, "tuple[_torch.Tensor, _torch.Tensor]"]  # module -> (A / down (r, d_in...), B / up (d_out, r...))
 
 
 class LoraFileError(ValueError):

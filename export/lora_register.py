@@ -11,11 +11,18 @@ call.
 
 Anything else (a changed base, recipe or option; a DoRA LoRA, which needs the base weights; a
 missing layout file) returns ``None`` and the caller runs the full export.
+
+Fast to start as well as to run: this path needs safetensors and numpy, never torch, diffusers or
+ONNX (the LoRA is read as numpy arrays, parsed and checked by :mod:`craft_ops.lora` /
+:mod:`craft_ops.runtime_lora`, whose torch import is lazy). ``craft export`` calls
+:func:`register_fast` before it imports the exporter; ``tests/test_lora_register_imports.py`` checks
+that a registration leaves torch out of ``sys.modules``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,18 +30,18 @@ from craft_ops.lora import LoraError, parse_lora
 from craft_ops.runtime_lora import RuntimeLoraError
 
 from . import runtime_export as rt
-from .loading import LoadError, read_lora_file, sha256_file
 from .lora_files import LoraFileError, metadata_alphas
+from .lora_read import LoadError, read_lora_file, sha256_file
 from .manifest_schema import LoraRecord
-from .options import ExportError, ExportOptions, ExportReport
+from .options import ExportError, ExportOptions, ExportReport, check_runtime
 from .plan import FORMAT_VERSION, PlanError, parse_pairs
 from .recipe import LoraSpec, Recipe, load_confined_recipe
 from .runtime_plan import fingerprint, remove_unreferenced_factors
-from .staging import RepoTransaction
+from .staging import RepoTransaction, existing_manifest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["register_loras"]
+__all__ = ["register_fast", "register_loras"]
 
 
 class _NeedsFullExport(Exception):
@@ -48,7 +55,7 @@ def _record(spec: LoraSpec, recipe: Recipe, out: Path, layout, shapes, old: Mapp
     if old and old.get("factors_key") == key and (out / old.get("factors", "")).is_file():
         return LoraRecord.from_json({**old, "path": str(spec.path), "gammas": list(spec.gammas)}), False
     try:
-        tensors, metadata = read_lora_file(spec.path)
+        tensors, metadata = read_lora_file(spec.path, framework="np")
         adapter = parse_lora(tensors, shapes, name=spec.name, alphas=metadata_alphas(metadata, shapes))
     except (LoadError, LoraError, LoraFileError) as exc:
         raise ExportError(f"{recipe.path}: lora {spec.name!r} ({spec.path}): {exc}") from exc
@@ -65,6 +72,22 @@ def _record(spec: LoraSpec, recipe: Recipe, out: Path, layout, shapes, old: Mapp
     record = LoraRecord(spec.name, spec.kind, spec.gammas, str(spec.path), sha, adapter.format, adapter.rank,
                         coverage, fields["factors"], fields["factors_key"])
     return record, True
+
+
+def register_fast(options: ExportOptions, progress: Callable[[str], None] = lambda msg: None) -> ExportReport | None:
+    """Step 1 of every ``craft export`` (check ``--out`` and the runtime before anything is written), then
+    the LoRA-only update of a runtime repository when that is all the export has to do; ``None``:
+    networks must be built (:func:`craft_export.exporter.export_networks`)."""
+    t_start = time.perf_counter()
+    out = Path(options.out).resolve()
+    old = existing_manifest(out)
+    check_runtime(options)
+    if options.lora_mode != "runtime" or not old:
+        return None
+    report = register_loras(options, out, old, progress)
+    if report is not None:
+        report.seconds = time.perf_counter() - t_start
+    return report
 
 
 def register_loras(options: ExportOptions, out: Path, old: Mapping,

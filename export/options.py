@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,7 +10,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: the CLI reads the choices here without importing torch
     from craft_ops.aggregate import Variant
 
-__all__ = ["RUNTIMES", "PRECISIONS", "RUNNERS", "LORA_MODES", "ExportError", "ExportOptions", "ModelJob", "ExportReport"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RUNTIMES", "PRECISIONS", "RUNNERS", "LORA_MODES", "ExportError", "ExportOptions", "ModelJob", "ExportReport",
+           "check_runtime"]
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -90,3 +94,14 @@ class ExportReport:
         if self.loras:
             out.update(loras=self.loras, fast_path=self.fast_path)
         return out
+
+
+def check_runtime(options: ExportOptions) -> None:
+    """Refuse a runtime this machine cannot build for (TensorRT: :func:`.tensorrt_build.check_tensorrt_available`)."""
+    if options.runtime != "tensorrt":
+        if options.precision != "fp32":
+            log.warning("--precision %s with onnxruntime on CPU: exporting fp32 weights (DESIGN-NOTES 9)", options.precision)
+        return
+    from .tensorrt_build import check_tensorrt_available
+
+    check_tensorrt_available()

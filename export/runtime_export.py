@@ -19,15 +19,16 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
+from craft_ops.lazy import torch  # registering a LoRA (factor files, layout files) runs without torch
 from craft_ops.lora import LoraAdapter
 from craft_ops.routing import Routing
 from craft_ops.runtime_lora import RUNTIME_TARGETS, RuntimeLayout, runtime_factors, runtime_layout
 
 from .plan import FORMAT_VERSION, stable_hash
-from .runtime_network import RUNTIME_INPUTS, make_banks
 from .specs import NetworkSpec
 
 __all__ = ["RUNTIME_MODEL", "LORA_FOLDER", "LAYOUT_FILE", "SHAPES_FILE", "layout_for", "runtime_examples",
@@ -48,6 +49,7 @@ def runtime_examples(spec: NetworkSpec, hw: tuple[int, int], batch: int, slots: 
     """Seeded inputs of the runtime network: UNet inputs as :func:`example_inputs`, banks with random
     factors in slots 1.. (slot 0 zero), random slot per sample and gates in [0, 1]."""
     from .onnx_export import example_inputs
+    from .runtime_network import RUNTIME_INPUTS, make_banks
 
     unet_inputs = tuple(t for t in spec.inputs if t.name not in RUNTIME_INPUTS and not t.name.startswith("lora_"))
     unet_spec = NetworkSpec("unet", spec.arch, unet_inputs, spec.outputs, max_batch=spec.max_batch,
@@ -73,11 +75,11 @@ def factors_key(sha256: str, kind: str, routing: Routing, layout: RuntimeLayout)
                         "layout": stable_hash(layout.to_json())})
 
 
-def write_factors(folder: Path, name: str, key: str, kind: str, rank: int,
-                  factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """Write ``folder/<name>-<key16>.safetensors`` unless it is there (atomically); returns its file name."""
-    from safetensors.torch import save_file
+def write_factors(folder: Path, name: str, key: str, kind: str, rank: int, factors: Mapping[str, tuple[Any, Any]]) -> str:
+    """Write ``folder/<name>-<key16>.safetensors`` unless it is there (atomically); returns its file name.
 
+    ``factors``: module -> (A, B), torch tensors or numpy arrays (the file is the same either way).
+    """
     file = f"{name}-{key[:16]}.safetensors"
     path = folder / file
     if path.is_file():
@@ -85,7 +87,15 @@ def write_factors(folder: Path, name: str, key: str, kind: str, rank: int,
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, (A, B) in factors.items():
-        tensors[f"{module}.A"], tensors[f"{module}.B"] = A.contiguous(), B.contiguous()
+        tensors[f"{module}.A"], tensors[f"{module}.B"] = A, B
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+
+        tensors = {k: np.ascontiguousarray(t) for k, t in tensors.items()}
+    else:
+        from safetensors.torch import save_file
+
+        tensors = {k: t.contiguous() for k, t in tensors.items()}
     tmp = path.with_name(f".{file}.tmp")
     save_file(tensors, str(tmp), metadata={"craft.name": name, "craft.kind": kind, "craft.key": key,
                                            "craft.rank": str(rank)})

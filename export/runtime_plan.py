@@ -12,8 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from craft_ops.aggregate import Variant
 from craft_ops.runtime_lora import RuntimeLayout, RuntimeLoraError, runtime_factors
@@ -23,6 +22,9 @@ from .options import ExportError, ExportOptions
 from .plan import FORMAT_VERSION, plan_variants, stable_hash
 from .recipe import Recipe
 from .specs import NetworkSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

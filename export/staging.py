@@ -37,7 +37,8 @@ from .options import ExportError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGING", "KEY_FILE", "RepoTransaction", "folder_key", "is_leftover", "describe_failure"]
+__all__ = ["STAGING", "KEY_FILE", "RepoTransaction", "folder_key", "is_leftover", "describe_failure",
+           "existing_manifest"]
 
 STAGING = ".craft-staging"
 #: In every model folder the export builds: the content key it was built for (plan.variant_key...).
@@ -215,3 +216,20 @@ def describe_failure(out: Path, exc: OSError, committing: bool) -> str:
     state = ("the export stopped while moving models into place; run it again to finish" if committing
              else "the repository is unchanged")
     return f"--out {out}: {reason}{where}; {state}"
+
+
+def existing_manifest(out: Path) -> dict | None:
+    """The repository's manifest, or None for a new/empty folder; refuse foreign non-empty folders."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ExportError(f"{manifest}: unreadable manifest ({exc}); remove the folder to start afresh") from exc
+    if any(not is_leftover(p.name) for p in out.iterdir()):
+        raise ExportError(f"--out {out} is not empty and holds no {MANIFEST}: refusing to write into it")
+    return None

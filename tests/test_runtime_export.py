@@ -172,6 +172,47 @@ def test_register_new_lora_without_rebuilding(runtime_repo, reference, demo_dir,
     print(f"new LoRA registered (in-process CLI) and served in {registered_to_served:.2f} s")
 
 
+def test_registration_imports_no_torch(runtime_repo, reference, demo_dir, tmp_path):
+    """``craft export`` registering a LoRA (bf16 file) runs without torch, diffusers or ONNX in the process, and
+    writes the factors the torch path computes, bit for bit."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from craft_export.loading import load_lora
+    from craft_export.runtime_export import read_factors, read_layout_files
+    from craft_ops.runtime_lora import runtime_factors
+    from craft_reference.demo import lora_target_modules, make_lora_state_dict, recipe_text
+
+    out, _ = runtime_repo
+    m = reference[0]
+    sd = make_lora_state_dict(m.shapes, lora_target_modules(m.shapes), rank=3, alpha=1.0, seed=33, fmt="kohya")
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(path))
+    head, tail = recipe_text("sd15", root=demo_dir).split("[defaults]")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(head + f'[[lora]]\nname = "bf"\nkind = "style"\npath = "{path}"\n\n[defaults]' + tail)
+    heavy = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
+    code = ("import json, sys\nfrom craft_cli.app import main\nrc = main(sys.argv[1:])\n"
+            f"print(json.dumps({{'rc': rc, 'loaded': sorted(m for m in {heavy!r} if m in sys.modules)}}))")
+    run = subprocess.run([sys.executable, "-c", code, "export", "--recipe", str(recipe), "--out", str(out),
+                          "--lora-mode", "runtime", "--max-rank", str(MAX_RANK), "--runner", "python", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    summary, probe = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert summary["fast_path"] and summary["loras"]["written"] == ["bf"], summary
+    assert probe == {"rc": 0, "loaded": []}
+    record = next(r for r in json.loads((out / "manifest.json").read_text())["loras"] if r["name"] == "bf")
+    kind, written = read_factors(out / record["factors"])
+    layout, shapes = read_layout_files(out / "unet_lora")
+    adapter, _ = load_lora(path, shapes, name="bf")
+    expected = runtime_factors(adapter, "style", m.recipe.routing, layout)
+    assert kind == "style" and set(written) == set(expected)
+    for module, (A, B) in expected.items():
+        assert torch.equal(written[module][0], A) and torch.equal(written[module][1], B), module
+
+
 @pytest.mark.parametrize("content,style,gamma_c", [("dog", "watercolor", 0.6),
                                                    pytest.param(None, None, None, marks=pytest.mark.extended)])
 def test_image_runtime_equals_baked(runtime_repo, ref_pipes, content, style, gamma_c):
