@@ -173,7 +173,7 @@ def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, tor
     The square side is the engine range's smallest, at most :data:`PARITY_MAX_SIDE` px (the tiny
     models' ranges lie below it; full-size ones are checked at 256 and 256x384 px): the activations
     of a full-size network at its engine sizes would outweigh its weights. The two cases differ in
-    batch, height and width, so a size the trace baked into the graph fails one of them.
+    batch and width, so a size the trace baked into the graph fails one of them.
     """
     lo = min(engine.min_size, PARITY_MAX_SIDE)
     wide = min(engine.max_size, (lo * 3 // 2) // 8 * 8)

@@ -124,9 +124,12 @@ def test_export_reports_peak_memory_per_phase_and_adopts_the_unet(demo_dir, tmp_
     """A tiny export with ``memory_phases``: every model's phases are in the report; afterwards the
     baker's W_init is the UNet's own (file-backed) weights, not the loaded copy."""
     from craft_export.exporter import ExportOptions, export_repository
+    from craft_reference.demo import recipe_text
 
-    report = export_repository(ExportOptions(recipe=demo_dir / "recipe-sd15.toml", out=tmp_path / "repo",
-                                             runner="python", pairs="dog+watercolor", memory_phases=True))
+    recipe = tmp_path / "recipe.toml"  # one content + one style LoRA: 6 models, every kind of phase
+    recipe.write_text(recipe_text("sd15", ["dog", "watercolor"], demo_dir))
+    report = export_repository(ExportOptions(recipe=recipe, out=tmp_path / "repo", runner="python",
+                                             memory_phases=True))
     if not _resettable():
         pytest.skip("no VmHWM reset here: the phases are peaks so far")
     phases = report.memory["phases"]
