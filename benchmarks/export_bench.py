@@ -210,7 +210,7 @@ def full_size_markdown(report: dict) -> str:
              f"--precision {r['precision']} --pairs {r['pairs']}` (public architecture, random weights). "
              f"CPU: {report['cpu_model']}, {report['cores']} cores" + (f"; GPU: {report['gpu_name']}" if report.get("gpu_name") else "")
              + ".", "",
-             "Sizes in GiB (2^30 bytes; the results before 2026-11-30's `-after-2x` file say GB for the same unit).", "",
+             "Sizes in GiB (2^30 bytes; result files written before this line was added say GB for the same unit).", "",
              "| step | seconds | peak RSS (GiB) | on disk (GiB) |", "|---|---:|---:|---:|",
              f"| demo-assets --size full | {r['demo_assets_seconds']} | {r['demo_assets_peak_rss_gb']} | {r['assets_gb']} |",
              f"| export ({len(r['models_built'])} models) | {r['export_seconds']} | {r['export_peak_rss_gb']} | "
