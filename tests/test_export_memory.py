@@ -120,9 +120,8 @@ def test_phase_peaks_give_each_phase_its_own_peak():
         assert none is None
 
 
-def test_export_reports_peak_memory_per_phase_and_adopts_the_unet(demo_dir, tmp_path):
-    """A tiny export with ``memory_phases``: every model's phases are in the report; afterwards the
-    baker's W_init is the UNet's own (file-backed) weights, not the loaded copy."""
+def test_export_reports_peak_memory_per_phase(demo_dir, tmp_path):
+    """A tiny export with ``memory_phases``: every model's phases are in the report."""
     from craft_export.exporter import ExportOptions, export_repository
     from craft_reference.demo import recipe_text
 
