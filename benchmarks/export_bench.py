@@ -27,8 +27,10 @@ Full-size mode (``--full-size sd15|sdxl``, instead of the above): ``craft demo-a
 (the public architecture, random weights) then ``craft export`` of its recipe with one
 content + style pair, as the user runs them (subprocesses): seconds, models built, per-model
 export / parity / TensorRT build-or-refit numbers from the manifest, repository size on disk,
-peak RSS of each command. ``--runtime tensorrt --precision fp16`` on a GPU machine is the
-issue-5 export. Writes ``results/export-full-<arch>-<runtime>-<machine>-<date>.json`` / ``.md``.
+peak RSS of each command, and of each phase of the export (``craft export --memory-phases``: load, and
+per model trace / ONNX save / adopt / bake / derive / parity_torch / parity_ort). The aim (issue 14):
+the export's peak at most 2x the fp32 UNet (its ``model.onnx.data``). ``--runtime tensorrt --precision fp16``
+on a GPU machine is the issue-5 export. Writes ``results/export-full-<arch>-<runtime>-<machine>-<date>.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -179,14 +181,23 @@ def full_size_part(work: Path, arch: str, runtime: str, precision: str, pairs: s
     print(f"  full-size {arch} assets: {seconds:.0f} s, {result['assets_gb']} GB", flush=True)
     seconds, peak, stdout = _timed_command([craft, "export", "--recipe", str(assets / f"recipe-{arch}-full.toml"),
                                             "--out", str(repo), "--runtime", runtime, "--precision", precision,
-                                            "--pairs", pairs, "--json"])
+                                            "--pairs", pairs, "--json", "--memory-phases"])
     summary = json.loads(stdout.strip().splitlines()[-1])
+    # --memory-phases resets the kernel's high-water mark at each phase, so ru_maxrss covers the last
+    # phase only: the export's own record of its marks is the peak of the whole run
+    memory = summary.get("memory") or {}
+    peak = max(peak, int(memory.get("peak_bytes", 0)))
     records = json.loads((repo / "manifest.json").read_text())["models"]
+    base = next((name for name, r in records.items() if name.startswith("unet") and r.get("export") == "traced"), None)
+    unet_bytes = (repo / base / "1" / "model.onnx.data").stat().st_size if base else 0
     keep = ("export", "export_seconds", "parity_max_abs_err", "trt_build", "trt_seconds", "trt_max_abs_err_vs_onnx",
             "trt_engine_bytes", "onnx_removed")
     result.update(export_seconds=round(seconds, 1), export_peak_rss_gb=round(peak / 2**30, 2),
                   models_built=summary["built"], repository_gb=round(_tree_bytes(repo) / 2**30, 2),
-                  models={name: {k: r[k] for k in keep if k in r} for name, r in records.items()})
+                  models={name: {k: r[k] for k in keep if k in r} for name, r in records.items()},
+                  unet_fp32_gb=round(unet_bytes / 2**30, 2), aim_peak_rss_gb=round(2 * unet_bytes / 2**30, 2),
+                  memory_phases_resettable=memory.get("resettable"),
+                  phase_peak_rss_gb={name: round(b / 2**30, 2) for name, b in memory.get("phases", {}).items()})
     print(f"  full-size {arch} export ({runtime}, {precision}): {seconds:.0f} s, {len(summary['built'])} models, "
           f"{result['repository_gb']} GB, peak RSS {result['export_peak_rss_gb']} GB", flush=True)
     return result
@@ -199,7 +210,8 @@ def full_size_markdown(report: dict) -> str:
              f"--precision {r['precision']} --pairs {r['pairs']}` (public architecture, random weights). "
              f"CPU: {report['cpu_model']}, {report['cores']} cores" + (f"; GPU: {report['gpu_name']}" if report.get("gpu_name") else "")
              + ".", "",
-             "| step | seconds | peak RSS (GB) | on disk (GB) |", "|---|---:|---:|---:|",
+             "Sizes in GiB (2^30 bytes; result files written before this line was added say GB for the same unit).", "",
+             "| step | seconds | peak RSS (GiB) | on disk (GiB) |", "|---|---:|---:|---:|",
              f"| demo-assets --size full | {r['demo_assets_seconds']} | {r['demo_assets_peak_rss_gb']} | {r['assets_gb']} |",
              f"| export ({len(r['models_built'])} models) | {r['export_seconds']} | {r['export_peak_rss_gb']} | "
              f"{r['repository_gb']} |", "",
@@ -210,6 +222,13 @@ def full_size_markdown(report: dict) -> str:
         lines.append(f"| {name} | {m.get('export', '')} | {m.get('export_seconds', '')} | "
                      f"{'' if err is None else f'{err:.2g}'} | {m.get('trt_build', '')} | {m.get('trt_seconds', '')} | "
                      f"{m.get('trt_max_abs_err_vs_onnx', '')} |")
+    phases = r.get("phase_peak_rss_gb")
+    if phases:
+        lines += ["", f"Peak RSS per phase of the export (`craft export --memory-phases`; VmHWM reset at each phase: "
+                  f"{'yes' if r.get('memory_phases_resettable') else 'no, so each figure is the peak so far'}). "
+                  f"Aim: at most 2x the fp32 UNet ({r['unet_fp32_gb']} GiB) = {r['aim_peak_rss_gb']} GiB; "
+                  f"whole export: {r['export_peak_rss_gb']} GiB.", "", "| phase | peak RSS (GiB) |", "|---|---:|"]
+        lines += [f"| {name} | {gb} |" for name, gb in phases.items()]
     return "\n".join(lines) + "\n"
 
 

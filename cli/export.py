@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(recipe=Path(args.recipe), out=Path(args.out), runtime=args.runtime,
                             precision=args.precision, pairs=args.pairs, runner=args.runner,
                             keep_onnx=args.keep_onnx, confine_to=tuple(Path(p) for p in confine),
-                            lora_mode=args.lora_mode, max_rank=args.max_rank)
+                            lora_mode=args.lora_mode, max_rank=args.max_rank, memory_phases=args.memory_phases)
     say = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     # registering runtime LoRAs needs neither torch nor the exporter: import them only when networks are built
@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
               f"in {report.seconds:.1f} s -> {options.out}")
         for name, seconds in report.timings.items():
             print(f"  {name}: {seconds:.2f} s")
+        if report.memory:
+            print(f"  peak resident memory {report.memory['peak_bytes'] / 2**30:.2f} GiB; per phase:")
+            for name, peak in report.memory["phases"].items():
+                print(f"    {name}: {peak / 2**30:.2f} GiB")
         if report.loras:
             how = "registered without rebuilding any network" if report.fast_path else "written"
             print(f"  LoRA factor files {how}: {', '.join(report.loras.get('written', [])) or 'none new'}")
@@ -72,4 +76,7 @@ def register(sub) -> None:
                    help="refuse recipe paths (base, backbone, LoRAs, and every file and symlink inside them) that "
                         "resolve outside DIR; repeatable (default: $CRAFT_CONFINE_TO, ':'-separated, else anywhere)")
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
+    p.add_argument("--memory-phases", action="store_true",
+                   help="report the peak resident memory of each phase (load, trace, ONNX save, parity ...; "
+                        "Linux: resets the process's VmHWM at each phase, so ru_maxrss then covers the last one only)")
     p.set_defaults(func=run)

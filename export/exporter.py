@@ -23,6 +23,7 @@ from craft_ops.aggregate import Variant
 from .bake import VariantBaker
 from .loading import PipelineParts, sha256_file, unet_weights
 from .lora_register import register_fast
+from .memory import phase, track_phases
 from .manifest_schema import EngineInfo, LoraRecord, manifest_json, variant_record
 from .model_build import ExportWeights, adopt_weights, build_model, engine_path
 from .network_specs import network_specs
@@ -190,14 +191,18 @@ def export_networks(options: ExportOptions, progress: Callable[[str], None] = la
         raise ExportError("--runner: --lora-mode runtime is served by the Python UNet runner only (the native "
                           "onnxruntime / tensorrt_plan backends cannot pick LoRA factors per sample); "
                           "use --runner python (got 'native')")
-    loaded = load_everything(options)
-    # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
-    txn = RepoTransaction(out)
-    try:
-        with txn:
-            report = _export_into(txn, loaded, runner, options, progress)
-    except OSError as exc:  # a full disk, a read-only volume: say so, without a traceback
-        raise ExportError(describe_failure(out, exc, txn.committing)) from exc
+    with track_phases(options.memory_phases) as peaks:
+        with phase("load"):
+            loaded = load_everything(options)
+        # 2.-5. in REPO/.craft-staging, committed with renames (:mod:`.staging`)
+        txn = RepoTransaction(out)
+        try:
+            with txn:
+                report = _export_into(txn, loaded, runner, options, progress)
+        except OSError as exc:  # a full disk, a read-only volume: say so, without a traceback
+            raise ExportError(describe_failure(out, exc, txn.committing)) from exc
+    if peaks is not None:
+        report.memory = peaks.summary()
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -250,15 +255,17 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
             continue
         progress(f"[{i}/{len(jobs)}] baking + exporting {job.name}")
         t0 = time.perf_counter()
-        records[job.name] = build_model(job, loaded.nets, loaded.baker, loaded.engine, options, runner, staging,
-                                        specs, base_onnx, base_engine, weights)
+        with phase(job.name):
+            records[job.name] = build_model(job, loaded.nets, loaded.baker, loaded.engine, options, runner, staging,
+                                            specs, base_onnx, base_engine, weights)
         txn.mark(job.name, job.key)
         fresh.append(job.name)
         if job.is_base_unet:
             base_onnx = staging / job.name / "1" / "model.onnx"
             base_engine = engine_path(staging / job.name, options)
         report.timings[job.name] = round(time.perf_counter() - t0, 3)
-    pipeline, assets = stage_pipeline(staging, loaded.parts)
+    with phase("pipeline"):
+        pipeline, assets = stage_pipeline(staging, loaded.parts)
     if loaded.runtime is not None:  # factor files: into the new network's folder, or beside the reused one
         model = loaded.runtime.model
         report.loras = loaded.runtime.write_factors(staging / model if model in fresh else out / model)

@@ -20,6 +20,7 @@ import torch
 
 from .bake import VariantBaker
 from .loading import unet_weights
+from .memory import phase
 from .networks import PipelineNets
 from .options import ExportError, ExportOptions, ModelJob
 from .recipe import EngineRange
@@ -64,6 +65,11 @@ class _Baked(torch.nn.Module):
         return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
 
 
+# :meth:`ExportWeights.adopt` drops the file pages it has compared (and returns the replaced weights' heap)
+# after each this many bytes.
+ADOPT_RELEASE_BYTES = 256 * 2**20
+
+
 class ExportWeights:
     """The networks' weights during an export, held once: in PyTorch or in ONNX Runtime, not both.
 
@@ -79,11 +85,16 @@ class ExportWeights:
 
     def adopt(self, module: torch.nn.Module, onnx_path: Path, prefix: str = "inner.") -> int:
         """Point ``module``'s parameters (``prefix`` + name: the initializer names of a :class:`_Baked`
-        export) at ``onnx_path``'s weights where they are byte-equal; returns the bytes moved."""
+        export) at ``onnx_path``'s weights where they are byte-equal; returns the bytes moved.
+
+        A replaced parameter's memory is freed at once only if nothing else holds it (the caller drops
+        its own references first). The file's pages read by the comparison go back every
+        :data:`ADOPT_RELEASE_BYTES`, with the freed heap: resident memory stays near the weights
+        held once, instead of the loaded copy plus the file's pages."""
         from .onnx_files import MappedWeights
 
         mapped = MappedWeights(onnx_path)
-        moved = 0
+        moved = read = 0
         for name, param in module.named_parameters():
             tensor = mapped.tensors.get(prefix + name)
             if tensor is None or tensor.shape != param.shape or tensor.dtype != param.dtype:
@@ -91,6 +102,11 @@ class ExportWeights:
             if torch.equal(tensor, param.detach()):
                 param.data = tensor
                 moved += tensor.nbytes
+            read += tensor.nbytes
+            if read >= ADOPT_RELEASE_BYTES:
+                read = 0
+                mapped.release()
+                trim_memory(collect=False)
         if moved:
             self._mapped.append(mapped)
             log.info("%s: %.2f GB of weights now read from the exported file", onnx_path, moved / 2**30)
@@ -111,14 +127,24 @@ def adopt_weights(job: ModelJob, nets: PipelineNets, baker: VariantBaker, onnx_p
     the file (:class:`ExportWeights`). Only a traced network's graph holds all of its parameters by name."""
     if job.network == "unet_lora" or job.is_variant:
         return
-    module, _ = (nets.unet, {}) if job.network == "unet" else network_module(nets, baker, job)
-    if weights.adopt(module, onnx_path) and job.network == "unet":
+    if job.network != "unet":
+        module, _ = network_module(nets, baker, job)
+        weights.adopt(module, onnx_path)
+        return
+    # the baker's W_init references every Linear/Conv weight: held, the loaded copy could not be freed
+    # while the file's pages come in (both copies resident at once: the full-size SD 1.5 export's 7.2 GiB peak)
+    baker.W_init = {}
+    try:
+        weights.adopt(nets.unet, onnx_path)
+    finally:
         baker.W_init = unet_weights(nets.unet.unet)  # the baker reads W_init from the file's pages too
 
 
-def trim_memory() -> None:
-    """Collect garbage and return the C heap's free pages to the system (glibc ``malloc_trim``)."""
-    gc.collect()
+def trim_memory(*, collect: bool = True) -> None:
+    """Collect garbage (unless not ``collect``) and return the C heap's free pages to the system
+    (glibc ``malloc_trim``)."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -134,14 +160,22 @@ def _examples(spec: NetworkSpec, hw: tuple[int, int], batch: int, seed: int) -> 
     return example_inputs(spec, hw=hw, batch=batch, seed=seed)
 
 
-def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, torch.Tensor]]:
-    """Seeded inputs at two batch sizes and two image sizes of the engine range.
+# Largest image side (px) of the parity check's inputs. Every graph has dynamic batch and image axes and
+# the same weights at every size, so a smaller image checks the same graph; the cost is what is not the
+# same: the activations. At SD 1.5's 512 px, batch 2, ONNX Runtime's attention scores alone (unfused
+# MatMul-Softmax-MatMul, 4096 tokens) take 2 x 1.07 GB, about 16x their size at 256 px.
+PARITY_MAX_SIDE = 256
 
-    The batch-2 case is the square one: at full size the attention scores of the first blocks grow
-    with batch x tokens^2 (SD 1.5 at 512x768, batch 2: 2 x 2.4 GB for scores and softmax), which set
-    the export's peak memory; batch 1 at the wide size checks the non-square shapes at half of that.
+
+def _parity_inputs(spec: NetworkSpec, engine: EngineRange) -> list[dict[str, torch.Tensor]]:
+    """Seeded inputs at two batch sizes and two image sizes: batch 2 square, batch 1 wide (3:2).
+
+    The square side is the engine range's smallest, at most :data:`PARITY_MAX_SIDE` px (the tiny
+    models' ranges lie below it; full-size ones are checked at 256 and 256x384 px): the activations
+    of a full-size network at its engine sizes would outweigh its weights. The two cases differ in
+    batch and width, so a size the trace baked into the graph fails one of them.
     """
-    lo = engine.min_size
+    lo = min(engine.min_size, PARITY_MAX_SIDE)
     wide = min(engine.max_size, (lo * 3 // 2) // 8 * 8)
     return [_examples(spec, (lo, lo), 2, 1), _examples(spec, (lo, wide), 1, 2)]
 
@@ -174,9 +208,10 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
         # TensorRT: the dense graph (static shapes; trt_policy.profile_slots); ONNX Runtime: active rows only
         net, params = RuntimeUNetNet(nets.unet, spec, compact=options.runtime != "tensorrt").eval(), {}
     else:
-        module, params = network_module(nets, baker, job)
-        net = _Baked(module, params).eval()
-        weights.release()  # baking read W_init's pages of the routed modules: the parity run needs the others
+        with phase("bake"):
+            module, params = network_module(nets, baker, job)
+            net = _Baked(module, params).eval()
+            weights.release()  # baking read W_init's pages of the routed modules: the parity run needs the others
     target = staging / job.name
     shutil.rmtree(target, ignore_errors=True)
     (target / "1").mkdir(parents=True)
@@ -184,22 +219,26 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     size = engine.min_size
     t0 = time.perf_counter()
     if base_onnx is not None and params:
-        derive_variant(base_onnx, net.overrides, onnx_path)
-        write_changed(onnx_path.parent, net.overrides)  # the runner shares every other weight with W_init
+        with phase("derive"):
+            derive_variant(base_onnx, net.overrides, onnx_path)
+            write_changed(onnx_path.parent, net.overrides)  # the runner shares every other weight with W_init
         how = "derived"
     else:
-        export_onnx(net, spec, _examples(spec, (size, size), 2, 0), onnx_path)
+        export_onnx(net, spec, _examples(spec, (size, size), 2, 0), onnx_path)  # phases "trace", "save"
         how = "traced"
         if job.network != "unet_lora":  # from now on the weights are the exported file's pages
-            adopt_weights(job, nets, baker, onnx_path, weights)
+            with phase("adopt"):
+                adopt_weights(job, nets, baker, onnx_path, weights)
     seconds = time.perf_counter() - t0
     # 2. parity with PyTorch: its outputs first, then the network's memory goes before ONNX Runtime's comes
     inputs = _parity_inputs(spec, engine)
-    refs = reference_outputs(net, spec, inputs)
-    del net, params
-    weights.release()
-    report = compare_outputs(onnx_path, spec, inputs, refs)
-    trim_memory()
+    with phase("parity_torch"):
+        refs = reference_outputs(net, spec, inputs)
+        del net, params
+        weights.release()
+    with phase("parity_ort"):
+        report = compare_outputs(onnx_path, spec, inputs, refs)
+        trim_memory()
     tolerance = PARITY_TOLERANCE[job.network]
     if report["worst_abs_err"] > tolerance:
         raise ExportError(f"{job.name}: ONNX Runtime differs from PyTorch by {report['worst_abs_err']:.3g} "
@@ -213,7 +252,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
         return record
     # 3. the TensorRT engine
     if options.runtime == "tensorrt":
-        record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
+        with phase("tensorrt"):
+            record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
     # 4. config.pbtxt
     _write_model_config(job, spec, target, runner, options, engine.max_batch)
     return record

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import phase
 from .onnx_files import consolidate_external_data, iter_initializers, publish_onnx, value_info_dims
 from .specs import NetworkSpec
 
@@ -288,18 +289,19 @@ def export_onnx(module: nn.Module, spec: NetworkSpec, example_inputs: Mapping[st
         raw_dir = staging / "raw"
         raw_dir.mkdir()
         raw_path = raw_dir / "model.onnx"
-        with _quiet(), eval_mode(module), _forced_upsample_size(module):
+        with phase("trace"), _quiet(), eval_mode(module), _forced_upsample_size(module):
             _torch_export(module, spec, example_inputs, raw_path, exporter, opset)
 
-        model = onnx.load(str(raw_path), load_external_data=False)
-        _stamp_io(model, spec)
-        final = staging / path.name
-        data_bytes = consolidate_external_data(model, raw_dir, final)
-        shutil.rmtree(raw_dir)
-        onnx.checker.check_model(str(final))  # by path: handles external data and > 2 GiB
-        n_init = sum(1 for _ in iter_initializers(model.graph))
-        n_nodes = len(model.graph.node)
-        del model
+        with phase("save"):
+            model = onnx.load(str(raw_path), load_external_data=False)
+            _stamp_io(model, spec)
+            final = staging / path.name
+            data_bytes = consolidate_external_data(model, raw_dir, final)
+            shutil.rmtree(raw_dir)
+            onnx.checker.check_model(str(final))  # by path: handles external data and > 2 GiB
+            n_init = sum(1 for _ in iter_initializers(model.graph))
+            n_nodes = len(model.graph.node)
+            del model
 
         data_target = publish_onnx(final, path)
     finally:

@@ -44,6 +44,9 @@ class ExportOptions:
     # whose routed modules take LoRA factors and gates as inputs, plus factor files (README "Runtime LoRA").
     lora_mode: str = "baked"
     max_rank: int = 64  # runtime mode: the rank every factor is zero-padded to (a LoRA above it is refused)
+    # Peak resident memory per export phase in the report (:mod:`craft_export.memory`; resets the
+    # process's VmHWM at each phase boundary, so off unless asked for).
+    memory_phases: bool = False
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -88,11 +91,14 @@ class ExportReport:
     seconds: float = 0.0
     loras: dict[str, list[str]] = field(default_factory=dict)  # runtime mode: factor files "written" / "kept"
     fast_path: bool = False  # runtime mode: LoRAs registered without loading the base (no network rebuilt)
+    memory: dict | None = None  # --memory-phases: :meth:`craft_export.memory.PhasePeaks.summary`
 
     def summary(self) -> dict:
         out = {"built": self.built, "reused": self.reused, "removed": self.removed, "seconds": round(self.seconds, 3)}
         if self.loras:
             out.update(loras=self.loras, fast_path=self.fast_path)
+        if self.memory is not None:
+            out["memory"] = self.memory
         return out
 
 

@@ -34,6 +34,7 @@ def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: 
     options = ort.SessionOptions()
     if not arena:
         options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False  # no block planned for a repeat of the same shapes either
     if threads:
         options.intra_op_num_threads = int(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

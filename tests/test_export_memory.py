@@ -89,3 +89,85 @@ def test_adopted_weights_come_from_the_file_and_give_the_same_outputs(demo_dir, 
              if line.rstrip().endswith(data_file)]
     big = max(params.values(), key=lambda p: p.nbytes)
     assert any(lo <= big.data_ptr() < hi for lo, hi in spans)  # the parameter lives in the file's mapping
+
+
+def _resettable() -> bool:
+    from craft_export.memory import PhasePeaks
+
+    return PhasePeaks().resettable
+
+
+@pytest.mark.skipif(not _resettable(), reason="needs Linux /proc/self/clear_refs (VmHWM reset)")
+def test_phase_peaks_give_each_phase_its_own_peak():
+    from craft_export.memory import phase, track_phases
+
+    size = 192 * 2**20
+    with track_phases() as peaks:
+        with phase("outer"):
+            with phase("big"):
+                block = np.ones(size, dtype=np.uint8)  # touched: resident
+                del block
+            with phase("small"):
+                np.zeros(1024).sum()
+        with phase("after"):
+            pass
+    p = peaks.summary()["phases"]
+    assert list(p) == ["other", "outer", "outer/big", "outer/small", "after"]  # in the order first seen
+    assert p["outer/big"] >= p["outer/small"] + size * 0.9  # the freed block is not the small phase's
+    assert p["outer"] >= p["outer/big"]  # a nested phase's peak counts for the enclosing one
+    assert peaks.peak == max(p.values())
+    with track_phases(False) as none:
+        assert none is None
+
+
+def test_export_reports_peak_memory_per_phase(demo_dir, tmp_path):
+    """A tiny export with ``memory_phases``: every model's phases are in the report."""
+    from craft_export.exporter import ExportOptions, export_repository
+    from craft_reference.demo import recipe_text
+
+    recipe = tmp_path / "recipe.toml"  # one content + one style LoRA: 6 models, every kind of phase
+    recipe.write_text(recipe_text("sd15", ["dog", "watercolor"], demo_dir))
+    report = export_repository(ExportOptions(recipe=recipe, out=tmp_path / "repo", runner="python",
+                                             memory_phases=True))
+    if not _resettable():
+        pytest.skip("no VmHWM reset here: the phases are peaks so far")
+    phases = report.memory["phases"]
+    assert report.summary()["memory"] == report.memory
+    assert report.memory["peak_bytes"] == max(phases.values()) > 0
+    for step in ("trace", "save", "adopt", "parity_torch", "parity_ort"):
+        for model in ("text_encoder", "vae_decoder", "unet_base"):
+            assert phases[f"{model}/{step}"] > 0, (model, step)
+    variants = [n for n in report.built if n.startswith("unet_") and n != "unet_base"]
+    assert variants
+    for name in variants:
+        for step in ("bake", "derive", "parity_torch", "parity_ort"):
+            assert phases[f"{name}/{step}"] > 0, (name, step)
+    assert "load" in phases and "pipeline" in phases
+
+
+def test_adopting_the_unet_points_the_baker_at_the_file(demo_dir, tmp_path):
+    from craft_export.exporter import ExportOptions, load_everything
+    from craft_export.model_build import ExportWeights, adopt_weights, network_module
+    from craft_export.network_specs import network_specs
+    from craft_export.onnx_export import example_inputs, export_onnx
+    from craft_export.options import ModelJob
+
+    loaded = load_everything(ExportOptions(recipe=demo_dir / "recipe-sd15.toml", out=tmp_path / "unused"))
+    variant = Variant("dog", 0.7, "watercolor", 1.0)
+    job = ModelJob("v", "unet", "k", (variant,))
+    before = {k: v.clone() for k, v in network_module(loaded.nets, loaded.baker, job)[1].items()}
+    spec = network_specs("sd15", loaded.parts, max_batch=2)["unet"]
+    path = tmp_path / "base" / "model.onnx"
+    export_onnx(loaded.nets.unet, spec, example_inputs(spec, hw=(64, 64), batch=2), path)
+    weights = ExportWeights()
+    adopt_weights(ModelJob("unet_base", "unet", "k", (Variant(),)), loaded.nets, loaded.baker,
+                  path, weights)
+    modules = dict(loaded.nets.unet.unet.named_modules())
+    assert loaded.baker.W_init
+    for name, w in loaded.baker.W_init.items():  # the module's own tensors: nothing else holds the loaded copy
+        assert w.data_ptr() == modules[name].weight.data_ptr(), name
+    weights.release()
+    after = network_module(loaded.nets, loaded.baker, job)[1]
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
