@@ -154,10 +154,12 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     manifest = json.loads((repo / "manifest.json").read_text())
+    repo_bytes = sum(f.stat().st_size for f in repo.rglob("*") if f.is_file())
     report = {"label": args.label, "contents": args.contents, "styles": args.styles, "lora_mode": args.lora_mode,
               "unet_folders": len({v["model"] for v in manifest["variants"]}),
               "unet_model": manifest["networks"].get("unet"), "export_s": round(export_s, 1),
-              "ready_s": round(ready_s, 1), "idle": idle, "new_lora": new_lora, "after_requests": busy, "pairs_served": len(served),
+              "ready_s": round(ready_s, 1), "idle": idle, "new_lora": new_lora, "after_requests": busy,
+              "pairs_served": len(served), "disk": {"repo_mib": round(repo_bytes / 2**20, 1)},
               "craft": args.craft, "load_average": load_average(), "git": git_state(),
               "date": datetime.date.today().isoformat()}
     name = f"serve-memory-{args.label}-{args.lora_mode}-{args.contents}x{args.styles}-{machine_slug()}"
@@ -166,7 +168,8 @@ def main() -> int:
           f"| ready | {idle['processes']} | {idle['rss_mib']} | {idle['pss_mib']} |\n"
           f"| after {len(served)} pairs | {busy['processes']} | {busy['rss_mib']} | {busy['pss_mib']} |\n\n"
           f"UNet weight folders: {report['unet_folders']}; one UNet model: {report['unet_model'] or 'no'}; "
-          f"export {report['export_s']} s; ready after {report['ready_s']} s; load average {report['load_average']}.\n"
+          f"repository {report['disk']['repo_mib']} MiB on disk; export {report['export_s']} s; "
+          f"ready after {report['ready_s']} s; load average {report['load_average']}.\n"
           + (f"\nNew style LoRA while serving: craft export {new_lora['export_s']} s, first image ({STEPS} steps) "
              f"served {new_lora['file_to_served_s']} s after the new file was written.\n" if new_lora else ""))
     write_report(report, RESULTS / f"{name}.json", md)
