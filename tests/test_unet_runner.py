@@ -6,7 +6,8 @@ the nvidia-pytriton wheel, loopback). Checked: the repository's one ``unet`` mod
 per-variant models; a served image equals the baked reference image (PyTorch, Eq. 8 weights) within
 1/255 on the baked route, the runtime route and a continuous gamma; two concurrent requests with
 different LoRAs each equal their solo image; a LoRA registered with ``craft export --lora-mode
-runtime`` while the server runs is served on the next request, without a Triton reload.
+runtime`` while the server runs is served on the next request, without a Triton reload; in process,
+the served pipeline's code gives the same image with ACFG as one batch-2 call or two batch-1 calls.
 """
 
 from __future__ import annotations
