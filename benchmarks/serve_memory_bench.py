@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -178,7 +177,7 @@ def main() -> int:
                         help="then add a style LoRA, craft export again, and time new file -> first image served")
     args = parser.parse_args()
     from craft_client import CraftClient
-    from craft_serving.triton_server import reserve_ports
+    from craft_serving.triton_server import interrupt, reserve_ports
 
     work = args.work or Path(tempfile.mkdtemp(prefix="memb-"))
     repo, pairs, export_s = build_repo(work, args.craft, args.contents, args.styles, args.lora_mode)
@@ -203,16 +202,14 @@ def main() -> int:
         busy = memory(proc.pid)
         new_lora = _new_lora(work, args, repo, grpc) if args.new_lora else None
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc, 60)
     manifest = json.loads((repo / "manifest.json").read_text())
+    repo_bytes = sum(f.stat().st_size for f in repo.rglob("*") if f.is_file())
     report = {"label": args.label, "contents": args.contents, "styles": args.styles, "lora_mode": args.lora_mode,
               "unet_folders": len({v["model"] for v in manifest["variants"]}),
               "unet_model": manifest["networks"].get("unet"), "export_s": round(export_s, 1),
-              "ready_s": round(ready_s, 1), "idle": idle, "new_lora": new_lora, "after_requests": busy, "pairs_served": len(served),
+              "ready_s": round(ready_s, 1), "idle": idle, "new_lora": new_lora, "after_requests": busy,
+              "pairs_served": len(served), "disk": {"repo_mib": round(repo_bytes / 2**20, 1)},
               "craft": args.craft, "load_average": load_average(), "git": git_state(),
               "date": datetime.date.today().isoformat()}
     name = f"serve-memory-{args.label}-{args.lora_mode}-{args.contents}x{args.styles}-{machine_slug()}"
@@ -221,7 +218,8 @@ def main() -> int:
           f"| ready | {idle['processes']} | {idle['rss_mib']} | {idle['pss_mib']} |\n"
           f"| after {len(served)} pairs | {busy['processes']} | {busy['rss_mib']} | {busy['pss_mib']} |\n\n"
           f"UNet weight folders: {report['unet_folders']}; one UNet model: {report['unet_model'] or 'no'}; "
-          f"export {report['export_s']} s; ready after {report['ready_s']} s; load average {report['load_average']}.\n"
+          f"repository {report['disk']['repo_mib']} MiB on disk; export {report['export_s']} s; "
+          f"ready after {report['ready_s']} s; load average {report['load_average']}.\n"
           + (_new_lora_md(new_lora) if new_lora else ""))
     write_report(report, RESULTS / f"{name}.json", md)
     return 0

@@ -27,6 +27,7 @@ from craft_ops.sampling import UNetCall, step_variants
 from .manifest import RepoView, read_manifest
 
 __all__ = [
+    "UNET_CALLS",
     "NetCall",
     "InferMany",
     "Cancelled",
@@ -49,6 +50,12 @@ class NetCall:
 
 
 InferMany = Callable[[Sequence[NetCall]], list[dict[str, torch.Tensor]]]
+
+
+#: how the step's UNet calls reach a repository's one ``unet`` model: "step" (the default) sends the
+#: conditional and unconditional ACFG rows as ONE request; "branch" sends one request per branch, one
+#: after the other (ACFG as two calls: a benchmark / parity option, not a serving setting)
+UNET_CALLS = ("step", "branch")
 
 
 class Cancelled(RuntimeError):
@@ -145,9 +152,12 @@ def _selectors(rows: Sequence) -> dict[str, object]:
 class PipelineRuntime:
     """The CRAFT-LoRA pipeline over a model repository's networks."""
 
-    def __init__(self, repo: RepoView, infer_many: InferMany, device: str = "cpu"):
+    def __init__(self, repo: RepoView, infer_many: InferMany, device: str = "cpu", *, unet_calls: str = "step"):
         from transformers import CLIPTokenizer
 
+        if unet_calls not in UNET_CALLS:
+            raise ValueError(f"unet_calls must be one of {UNET_CALLS}, got {unet_calls!r}")
+        self.unet_calls = unet_calls
         self.repo = repo
         self.infer_many = infer_many
         self.device = torch.device(device)
@@ -158,8 +168,9 @@ class PipelineRuntime:
         self.latent_channels = repo.latent_channels
 
     @classmethod
-    def from_repository(cls, root: Path, infer_many: InferMany, device: str = "cpu") -> "PipelineRuntime":
-        return cls(read_manifest(root), infer_many, device)
+    def from_repository(cls, root: Path, infer_many: InferMany, device: str = "cpu", *,
+                        unet_calls: str = "step") -> "PipelineRuntime":
+        return cls(read_manifest(root), infer_many, device, unet_calls=unet_calls)
 
     def plan(self, request: GenerateRequest) -> Plan:
         plan = plan_request(request, self.repo.catalog, self.repo.defaults, self.repo.limits)
@@ -194,6 +205,8 @@ class PipelineRuntime:
         ``plan`` has checked that every variant the loop asks for has a model (baked mode).
         """
         if self.repo.unet_model:
+            if self.unet_calls == "branch":  # one request per branch, in turn (never batched together)
+                return [eps for c in calls for eps in self._denoise_one_model([c])]
             return self._denoise_one_model(calls)
         net_calls = [NetCall(self.repo.variants[c.variant], unet_inputs(c.x, c.t, c.cond), ("noise_pred",))
                      for c in calls]

@@ -6,7 +6,8 @@ the nvidia-pytriton wheel, loopback). Checked: the repository's one ``unet`` mod
 per-variant models; a served image equals the baked reference image (PyTorch, Eq. 8 weights) within
 1/255 on the baked route, the runtime route and a continuous gamma; two concurrent requests with
 different LoRAs each equal their solo image; a LoRA registered with ``craft export --lora-mode
-runtime`` while the server runs is served on the next request, without a Triton reload.
+runtime`` while the server runs is served on the next request, without a Triton reload; in process,
+the served pipeline's code gives the same image with ACFG as one batch-2 call or two batch-1 calls.
 """
 
 from __future__ import annotations
@@ -142,3 +143,26 @@ def _unet_stub_pids() -> set[int]:
             pids.add(int(proc.name))
     return pids
 
+
+
+def test_acfg_one_call_equals_two_calls(runtime_served):
+    """The served pipeline's code in process (``LocalInfer``: the ``unet`` model's own runner): ACFG as
+    one batch-2 request per step and as two batch-1 requests per step (``unet_calls="branch"``: the
+    unconditional row then runs on W_init's session) give the same image within 1/255."""
+    from craft_serving.local_infer import LocalInfer
+    from craft_serving.runtime import PipelineRuntime
+
+    repo, _, _ = runtime_served
+    local = LocalInfer(repo, threads=1)
+    kw = CASES["runtime_pair"]
+    request = GenerateRequest(prompts=(kw["prompt"],), content=kw["content"], style=kw["style"], seed=7, steps=STEPS)
+    images, rows = {}, {}
+    for calls in ("step", "branch"):
+        start = len(local.unet_rows)
+        images[calls] = PipelineRuntime(local.view, local, unet_calls=calls).generate(request)[0]
+        rows[calls] = local.unet_rows[start:]
+    assert rows == {"step": [2] * STEPS, "branch": [1] * (2 * STEPS)}
+    assert _close(images["step"], images["branch"]), \
+        f"max diff {np.abs(images['step'].astype(int) - images['branch'].astype(int)).max()}"
+    with pytest.raises(ValueError, match="unet_calls"):
+        PipelineRuntime(local.view, local, unet_calls="pairs")
