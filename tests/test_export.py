@@ -285,6 +285,7 @@ def _overflowing_lora(demo_dir: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_failed_exports_leave_the_repository_byte_identical(repos, demo_dir, tmp_path):
     """A corrupt LoRA found late (after models were built), a file-size limit (a full disk's stand-in:
     RLIMIT_FSIZE, EFBIG) and kill -9 mid-build: every file of REPO is as it was (sha256 of every file;

@@ -120,6 +120,7 @@ def test_phase_peaks_give_each_phase_its_own_peak():
         assert none is None
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_export_reports_peak_memory_per_phase(demo_dir, tmp_path):
     """A tiny export with ``memory_phases``: every model's phases are in the report."""
     from craft_export.exporter import ExportOptions, export_repository

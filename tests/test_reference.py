@@ -131,6 +131,7 @@ def _craft(*args, cwd=None):
     return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_cli_generate_local(demo_dir, tmp_path):
     out = tmp_path / "x.png"
     r = _craft("generate", "--local", "--recipe", str(demo_dir / "recipe-sdxl.toml"), "--prompt",

@@ -145,6 +145,7 @@ def test_sdxl_empty_negative_prompt_follows_the_checkpoint(served, ref_pipes):
     assert np.abs(images[""].astype(int) - images[" "].astype(int)).mean() > 1.0
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_cli_generate_matches_local(served, tmp_path):
     s = served["sd15"]
     args = ["--prompt", "a dog <c> in watercolor style <s>", "--content", "dog", "--style", "watercolor",
@@ -352,6 +353,7 @@ def test_wrong_dtype_is_rejected(served):
     assert c.is_server_ready()
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_new_lora_servable_without_restart(served, demo_dir):
     """A re-export is served on the next request, and every response says which manifest served it:
     the old id (the sha256 of manifest.json) before the re-export, the new file's id after it."""
@@ -382,6 +384,7 @@ def test_new_lora_servable_without_restart(served, demo_dir):
     assert _close(got, ref)
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_model_rebuilt_under_the_same_name_is_reloaded(served, demo_dir, tmp_path):
     """A LoRA file replaced under the same LoRA name (new weights, no other LoRA's) rebuilds its models
     under their old names: the running server loads them again (serving/model_keys.py) instead of
@@ -608,6 +611,7 @@ def test_killed_unet_stub_fails_inflight_fast_is_reloaded_and_readiness_is_hones
     _wait_log(s.log, r"craft: model unet reloaded and ready [0-9.]+ s after its stub process died")
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_sigterm_finishes_inflight_refuses_new_and_exits_0(served):
     s = served["sdxl"]
     events, started = [], threading.Event()

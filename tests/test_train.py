@@ -69,6 +69,7 @@ def backbone(demo_dir, images, tmp_path_factory):
 # -- Rank-FT pieces -------------------------------------------------------------------------------
 
 
+@pytest.mark.extended  # 10-45 s; `make test` stays near 10 min, .ci/run runs it (make test-extended)
 def test_preserve_objective_moves_w_init_less_than_denoise(demo_dir, images, tmp_path):
     """``preserve`` learns bases whose removal changes the prediction least; start and end are its own loss."""
     base = demo_dir / "sd15-tiny"
