@@ -46,7 +46,7 @@ demo-local: $(STAMP) $(DEMO)/recipe-toy.toml
 demo: $(STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
-# The default suite (about 15 minutes on 2 cores); test-extended adds the multi-process runs
+# The default suite (about 10 minutes on 2 cores); test-extended adds the multi-process runs
 # (three replicas, soak, kill under load), which .ci/run runs after it.
 test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not extended" $(PYTEST_ARGS)
