@@ -21,16 +21,9 @@ from craft_export.ort import OrtSession
 
 from .manifest import inside, read_manifest
 from .runtime import NetCall
-from .unet_weights import UNetWeights, wire_variant
+from .unet_weights import UNetWeights, split_selectors
 
 __all__ = ["LocalInfer"]
-
-_SELECTORS = ("lora_content", "lora_style", "gate_c", "gate_s")
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
 
 class LocalInfer:
     """``infer_many(calls) -> [outputs]`` over a repository's files; see the module docstring.
@@ -56,9 +49,7 @@ class LocalInfer:
         return self.sessions[model]
 
     def _unet(self, inputs) -> torch.Tensor:
-        variants = [wire_variant(_text(c), float(gc), _text(s), float(gs)) for c, s, gc, gs in
-                    zip(inputs["lora_content"], inputs["lora_style"], inputs["gate_c"], inputs["gate_s"])]
-        feed = {k: v for k, v in inputs.items() if k not in _SELECTORS}
+        variants, feed = split_selectors(inputs)
         t0 = time.perf_counter()
         out = self.unet(feed, variants)
         self.unet_seconds += time.perf_counter() - t0

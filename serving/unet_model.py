@@ -17,20 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from craft_export.unet_runner import SELECTORS
 
 from .batching import run_batched
 from .runtime_unet import RuntimeLoraRequestError
 from .triton_model import from_wire
-from .unet_weights import UNetWeights, UNetWeightsError, wire_variant
+from .unet_weights import SELECTOR_NAMES, UNetWeights, UNetWeightsError, split_selectors
 
 __all__ = ["UNetModel"]
 
-_SELECTOR_NAMES = tuple(t.name for t in SELECTORS)
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class UNetModel:
@@ -53,21 +47,20 @@ class UNetModel:
             if tensor is None:
                 continue
             value = tensor.as_numpy()
-            arrays[name] = value.reshape(-1) if name in _SELECTOR_NAMES else from_wire(value, self.ranks.get(name, 0))
+            arrays[name] = value.reshape(-1) if name in SELECTOR_NAMES else from_wire(value, self.ranks.get(name, 0))
         return arrays
 
     def _run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        variants = [wire_variant(_text(c), float(gc), _text(s), float(gs)) for c, s, gc, gs in
-                    zip(batch["lora_content"], batch["lora_style"], batch["gate_c"], batch["gate_s"])]
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items() if k not in _SELECTOR_NAMES}
+        variants, feed = split_selectors(batch)
+        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
         return {"noise_pred": self.weights(inputs, variants).numpy()}
 
     def _check(self, arrays: dict[str, np.ndarray]) -> str | None:
-        missing = [n for n in (*self.ranks, *_SELECTOR_NAMES) if n not in arrays]
+        missing = [n for n in (*self.ranks, *SELECTOR_NAMES) if n not in arrays]
         if missing:
             return f"missing input {missing[0]!r}"
         rows = arrays["sample"].shape[0]
-        for name in _SELECTOR_NAMES:
+        for name in SELECTOR_NAMES:
             if arrays[name].shape[0] != rows:
                 return f"{name}: {arrays[name].shape[0]} values for a batch of {rows}"
         return None

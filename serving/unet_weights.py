@@ -31,7 +31,7 @@ import torch
 
 from craft_export.ort import OrtSession
 from craft_export.staging import folder_key
-from craft_export.unet_runner import CHANGED_FILE
+from craft_export.unet_runner import CHANGED_FILE, SELECTORS
 from craft_ops.aggregate import BASE, Variant
 
 from .manifest import ManifestError, inside, read_manifest
@@ -41,7 +41,7 @@ from .runtime_unet import DEFAULT_CACHE_MB, RuntimeUNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UNetWeights", "UNetWeightsError", "wire_variant", "shared_initializers"]
+__all__ = ["UNetWeights", "UNetWeightsError", "wire_variant", "split_selectors", "SELECTOR_NAMES", "shared_initializers"]
 
 
 class UNetWeightsError(ValueError):
@@ -51,6 +51,20 @@ class UNetWeightsError(ValueError):
 def wire_variant(content: str | None, gate_c: float, style: str | None, gate_s: float) -> Variant:
     """A variant as it survives the wire: gates rounded to FP32, so baked gammas match after the trip."""
     return Variant(content or None, float(np.float32(gate_c)), style or None, float(np.float32(gate_s)))
+
+
+SELECTOR_NAMES = tuple(t.name for t in SELECTORS)  # the per-row LoRA names and gates of a ``unet`` call
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def split_selectors(inputs: Mapping) -> tuple[list[Variant], dict]:
+    """A ``unet`` call's inputs -> (each row's variant, the network's own inputs)."""
+    variants = [wire_variant(_text(c), float(gc), _text(s), float(gs)) for c, s, gc, gs in
+                zip(inputs["lora_content"], inputs["lora_style"], inputs["gate_c"], inputs["gate_s"])]
+    return variants, {k: v for k, v in inputs.items() if k not in SELECTOR_NAMES}
 
 
 def shared_initializers(onnx_path: Path) -> dict[str, np.ndarray]:
