@@ -18,13 +18,19 @@ CPU = ("CPUExecutionProvider",)
 
 
 def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                initializers: Mapping[str, Any] | None = None, arena: bool = True):
+                initializers: Mapping[str, Any] | None = None, arena: bool = True,
+                external: Mapping[str, Any] | None = None):
     """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it).
 
     ``threads``: intra-op threads (None or 0: ONNX Runtime's choice). ``providers``: default CPU.
     ``initializers``: name -> ``OrtValue`` used instead of the graph's own (``SessionOptions.add_initializer``:
     ONNX Runtime does not read those from the file, and sessions given the same OrtValue share its memory;
-    the caller keeps the values alive as long as the session).
+    the caller keeps the values alive as long as the session). Only for weights equal to the file's:
+    with graph optimizations on, ONNX Runtime folds constants (a linear weight's Transpose, a conv's
+    layout) from the file's values and the given value is not what runs.
+    ``external``: name -> ``OrtValue`` for initializers kept in external data files
+    (``SessionOptions.add_external_initializers``): read instead of the file before the graph is
+    optimized, so these may differ from the file's (a LoRA merged in memory).
     ``arena=False``: no CPU memory arena, each intermediate tensor is allocated and freed as it
     lives (the arena grows by doubling and keeps its peak; a short-lived check session needs
     only what is alive at once). Same kernels, same results.
@@ -45,6 +51,8 @@ def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: 
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
+    if external:
+        options.add_external_initializers(list(external), list(external.values()))
     return ort.InferenceSession(str(path), options, providers=list(providers or CPU))
 
 
@@ -55,9 +63,10 @@ class OrtSession:
     """
 
     def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None,
-                 initializers: Mapping[str, Any] | None = None, arena: bool = True):
+                 initializers: Mapping[str, Any] | None = None, arena: bool = True,
+                 external: Mapping[str, Any] | None = None):
         self.session = ort_session(path, providers=providers, threads=threads, initializers=initializers,
-                                   arena=arena)
+                                   arena=arena, external=external)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -54,6 +54,10 @@ def runner_spec(unet: NetworkSpec) -> NetworkSpec:
                        latent_scale=unet.latent_scale, meta=unet.meta)
 
 
+MERGE_AFTER = 2  # runtime mode: a variant's calls before the runner merges its LoRAs into W_init's graph
+MERGED_VARIANTS = 4  # runtime mode: merged variants the runner holds at once (0: none)
+
+
 def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int = 0) -> dict:
     """``target/config.pbtxt`` and ``target/1/model.py`` of the runner model; its manifest record."""
     from .repo_files import templates
@@ -63,7 +67,8 @@ def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int =
     (target / "1").mkdir(parents=True)
     text = config_pbtxt(UNET_MODEL, runner_spec(unet), platform="python", max_batch_size=max_batch,
                         instance_kind="KIND_CPU", dynamic_batching=True, max_queue_delay_us=0,
-                        parameters={"craft_runtime": "onnxruntime", "craft_network": UNET_RUNNER, "threads": threads})
+                        parameters={"craft_runtime": "onnxruntime", "craft_network": UNET_RUNNER, "threads": threads,
+                                    "merge_after": MERGE_AFTER, "merged_variants": MERGED_VARIANTS})
     (target / "config.pbtxt").write_text(text)
     shutil.copy(templates() / UNET_RUNNER / "model.py", target / "1" / "model.py")
     return {"network": UNET_RUNNER, "export": "runner"}

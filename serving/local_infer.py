@@ -28,17 +28,19 @@ __all__ = ["LocalInfer"]
 class LocalInfer:
     """``infer_many(calls) -> [outputs]`` over a repository's files; see the module docstring.
 
-    ``threads``: ONNX Runtime intra-op threads of every session (0: its choice). ``unet_rows`` counts
-    the batch size of every call to the ``unet`` model and ``unet_seconds`` their time (benchmarks).
+    ``threads``: ONNX Runtime intra-op threads of every session (0: its choice); ``unet_options``:
+    keyword arguments of the ``unet`` model's :class:`~.unet_weights.UNetWeights` (its config parameters).
+    ``unet_rows`` counts the batch size of every call to the ``unet`` model and ``unet_seconds`` their
+    time (benchmarks).
     """
 
-    def __init__(self, root: Path, *, threads: int = 0):
+    def __init__(self, root: Path, *, threads: int = 0, **unet_options):
         self.root = Path(root)
         self.threads = threads
         self.view = read_manifest(self.root)
         if not self.view.unet_model:
             raise ValueError(f"{self.root}: no one-model UNet (export with --runner python and ONNX Runtime)")
-        self.unet = UNetWeights(self.root, threads=threads)
+        self.unet = UNetWeights(self.root, threads=threads, **unet_options)
         self.sessions: dict[str, OrtSession] = {}
         self.unet_rows: list[int] = []
         self.unet_seconds = 0.0

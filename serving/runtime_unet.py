@@ -108,6 +108,22 @@ class RuntimeUNet:
             raise RuntimeLoraRequestError(f"{field}: {name!r} is a {entry[0]} LoRA, not a {kind} LoRA")
         return name, entry[2]
 
+    def factors_key(self, name: str, kind: str) -> str:
+        """A served LoRA's factors key (changes when it is re-registered); refuses an unknown name or kind."""
+        with self._lock:
+            self.refresh()
+            return self._key(kind, name, kind)[1]  # type: ignore[index]
+
+    def factors(self, name: str, kind: str) -> dict:
+        """A served LoRA's unpadded factors ``{module: (A, B)}`` from its factor file."""
+        with self._lock:
+            self.refresh()
+            key = self._key(kind, name, kind)
+        file_kind, factors = self._load(key)  # type: ignore[arg-type]
+        if file_kind and file_kind != kind:
+            raise RuntimeLoraRequestError(f"{kind}: {name!r} is a {file_kind} LoRA, not a {kind} LoRA")
+        return factors
+
     # -- running ----------------------------------------------------------------------------------
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], variants: Sequence[Variant]) -> torch.Tensor:

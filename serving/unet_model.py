@@ -19,12 +19,21 @@ import torch
 
 
 from .batching import run_batched
+from .merged_unet import DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS
 from .runtime_unet import RuntimeLoraRequestError
 from .triton_model import from_wire
 from .unet_weights import SELECTOR_NAMES, UNetWeights, UNetWeightsError, split_selectors
 
 __all__ = ["UNetModel"]
 
+
+
+def _int_param(params: dict, name: str, default: int) -> int:
+    text = params.get(name, "")
+    try:
+        return int(text) if text != "" else default
+    except ValueError:
+        raise ValueError(f"config.pbtxt parameter {name}: must be an integer, got {text!r}") from None
 
 
 class UNetModel:
@@ -37,7 +46,9 @@ class UNetModel:
         self.max_batch = max(1, int(config.get("max_batch_size", 1)))
         self.inputs = tuple(i["name"] for i in config["input"])
         repo = Path(args["model_repository"]).resolve().parent
-        self.weights = UNetWeights(repo, threads=int(params.get("threads", "0") or 0))
+        self.weights = UNetWeights(repo, threads=int(params.get("threads", "0") or 0),
+                                   merge_after=_int_param(params, "merge_after", DEFAULT_MERGE_AFTER),
+                                   merged_variants=_int_param(params, "merged_variants", DEFAULT_MERGED_VARIANTS))
         self.ranks = self.weights.input_ranks
 
     def _arrays(self, request) -> dict[str, np.ndarray]:

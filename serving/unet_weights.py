@@ -9,11 +9,13 @@ Triton glue; :mod:`craft_export.unet_runner` writes the model). It holds:
 * a session per baked variant, opened on the first call that needs it, given W_init's values for
   every weight the variant does not change (its ``1/changed.json``): a variant costs the weights it
   changes, not a whole UNet;
-* in runtime mode the runtime-LoRA network (:class:`~.runtime_unet.RuntimeUNet`, LoRA cache inside).
+* in runtime mode the runtime-LoRA network (:class:`~.runtime_unet.RuntimeUNet`, LoRA cache inside),
+  and the variants it keeps being asked for merged into W_init's graph in memory
+  (:class:`~.merged_unet.MergedVariants`: from a variant's second call on, baked speed).
 
 Per call, rows are routed by :class:`~.runtime_denoise.RoutedDenoiser`: rows whose weights the
-repository bakes run on that session (rows sharing one session in one call), the others on the
-runtime network, which W_init's rows then join. The manifest is stat'ed on every call: a re-export
+repository bakes (or the runner merged) run on that session (rows sharing one session in one call),
+the others on the runtime network, which W_init's rows then join. The manifest is stat'ed on every call: a re-export
 is served on the next call (new variants opened then, sessions of rebuilt or retired folders
 dropped after one more manifest, so a request still running on the previous one finishes).
 """
@@ -36,6 +38,7 @@ from craft_ops.aggregate import BASE, Variant
 
 from .manifest import ManifestError, inside, read_manifest
 from .manifest_watch import Stamp, stamp_of
+from .merged_unet import DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS, MergedVariants
 from .runtime_denoise import RoutedDenoiser
 from .runtime_unet import DEFAULT_CACHE_MB, RuntimeUNet
 
@@ -87,12 +90,18 @@ def shared_initializers(onnx_path: Path) -> dict[str, np.ndarray]:
 
 
 class UNetWeights:
-    """See the module docstring. ``root``: the repository; ``threads``: ONNX Runtime intra-op threads."""
+    """See the module docstring. ``root``: the repository; ``threads``: ONNX Runtime intra-op threads;
+    ``cache_mb``: the runtime LoRA cache budget; ``merge_after`` / ``merged_variants`` / ``merge_background``: see
+    :class:`~.merged_unet.MergedVariants` (``merged_variants=0``: every LoRA row on the runtime network)."""
 
-    def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB):
+    def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB,
+                 merge_after: int = DEFAULT_MERGE_AFTER, merged_variants: int = DEFAULT_MERGED_VARIANTS,
+                 merge_background: bool = True):
         self.root = Path(root)
         self.threads = threads
         self.cache_mb = cache_mb
+        self.merge_after, self.merged_variants, self.merge_background = merge_after, merged_variants, merge_background
+        self.merged: MergedVariants | None = None
         self._lock = threading.Lock()
         self._stamp: Stamp | None = None
         self.folders: dict[Variant, str] = {}  # baked weights -> folder
@@ -131,7 +140,9 @@ class UNetWeights:
         self._calls = {f: c for f, c in self._calls.items() if f in self.sessions}
         base_key = keys[folders[BASE]]
         if self._base is not None and self._base[0] != base_key:  # a new W_init: nothing shares the old one
-            self._base, self.sessions, self._calls, self._retired = None, {}, {}, {}
+            if self.merged is not None:
+                self.merged.discard()
+            self._base, self.sessions, self._calls, self._retired, self.merged = None, {}, {}, {}, None
         self.folders, self._stamp = folders, stamp
         self._refresh_runtime(view.runtime_model)
         log.info("UNet weights: %d baked variants, runtime network: %s", len(set(folders.values())),
@@ -139,11 +150,22 @@ class UNetWeights:
 
     def _refresh_runtime(self, folder: str | None) -> None:
         key = folder_key(self.root / folder) if folder else None
+        # new, or rebuilt (a new base, a new max rank): nothing merged before holds
+        rebuild = folder is not None and (self.runtime is None or key != self._runtime_key or self.merged is None)
+        if (folder is None or rebuild) and self.merged is not None:
+            self.merged.discard()
         if folder is None:
-            self.runtime, self._runtime_key = None, None
-        elif self.runtime is None or key != self._runtime_key:  # new, or rebuilt (a new base, a new max rank)
+            self.runtime, self._runtime_key, self.merged = None, None, None
+        elif rebuild:
             self.runtime = RuntimeUNet(self.root, cache_mb=self.cache_mb, threads=self.threads)
             self._runtime_key = key
+            self.merged = MergedVariants(self.root / self.folders[BASE] / "1" / "model.onnx", self.runtime.layout,
+                                         self._shared_arrays, self.runtime.factors_key, self.runtime.factors,
+                                         threads=self.threads, after=self.merge_after, capacity=self.merged_variants,
+                                         background=self.merge_background)
+        else:  # the same network: drop what a re-registered or removed LoRA merged
+            self.runtime.refresh()
+            self.merged.keep_only({n: entry[2] for n, entry in self.runtime.loras.items()})
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -156,6 +178,10 @@ class UNetWeights:
             values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._arrays.items()}
             self._base = (folder_key(self.root / folder), values)
         return self._base[1]
+
+    def _shared_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        values = self._shared()
+        return self._arrays, values
 
     def session(self, folder: str) -> OrtSession:
         """The session of a baked folder, opened on first use with W_init's weights shared."""
@@ -180,7 +206,7 @@ class UNetWeights:
     def _baked(self, variant: Variant):
         folder = self.folders.get(variant) or self._retired.get(variant)
         if folder is None:
-            return None
+            return self.merged(variant) if self.merged is not None else None
         call = self._calls.get(folder)
         if call is None:
             session = self.session(folder)

@@ -254,3 +254,44 @@ def test_image_runtime_equals_baked(runtime_repo, ref_pipes, content, style, gam
         assert "c=dog@0.6" in batches[0][0]
     else:
         assert batches == []
+
+
+def test_merged_variants_equal_baked_and_follow_their_lora(runtime_repo, reference):
+    """From a variant's second call on, the runner runs it on W_init's graph with the LoRAs merged in
+    memory (``MergedVariants``): same outputs as the baked variants and as the runtime network; at most
+    ``merged_variants`` held (LRU); a re-registered LoRA's merged variants are dropped; 0 turns it off."""
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = reference[3]
+    variants = [Variant("dog", 1.0, "watercolor", 0.7), Variant(), Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)]
+    want = _baked(reference, variants)
+    runner = UNetWeights(out, threads=1, merge_background=False)
+    first = runner(x, variants)  # every LoRA row on the runtime network
+    assert runner.merged.built == 0
+    second = runner(x, variants)  # each LoRA variant merged, then run on its own session
+    assert runner.merged.built == 3 and set(runner.merged.held) == {v for v in variants if not v.is_base}
+    assert float((second - want).abs().max()) < TOL
+    assert float((second - first).abs().max()) < TOL
+    assert torch.equal(runner(x, variants), second) and runner.merged.built == 3  # held: no rebuild
+    # a re-registered dog LoRA (new factors key): what merged it is dropped, the rest stays
+    keys = {n: entry[2] for n, entry in runner.runtime.loras.items()}
+    runner.merged.keep_only({**keys, "dog": "re-registered"})
+    assert set(runner.merged.held) == {Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)}
+    # capacity 1: the least recently used merged variant is closed
+    small = UNetWeights(out, threads=1, merged_variants=1, merge_after=1, merge_background=False)
+    got = small(x, variants)
+    assert len(small.merged.held) == 1 and small.merged.built == 3
+    assert float((got - want).abs().max()) < TOL
+    off = UNetWeights(out, threads=1, merged_variants=0)
+    off(x, variants), off(x, variants)
+    assert off.merged.built == 0
+    with pytest.raises(ValueError, match=r"merge_after: must be an integer >= 1, got 0"):
+        UNetWeights(out, threads=1, merge_after=0)
+    # the default: built on a worker thread while the calls go on on the runtime network
+    background = UNetWeights(out, threads=1)
+    background(x, variants)
+    assert float((background(x, variants) - want).abs().max()) < TOL  # builds started, rows still on the runtime net
+    background.merged.wait()
+    assert set(background.merged.held) == {v for v in variants if not v.is_base} and not background.merged.pending
+    assert float((background(x, variants) - second).abs().max()) == 0.0  # now on the merged sessions

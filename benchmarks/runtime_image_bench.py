@@ -1,0 +1,176 @@
+"""Per image: a runtime-LoRA repository (with and without merged variants) against a baked one (issue 14).
+
+The issue's aim is "runtime mode within 10 % of baked per image at rank 64 on the larger preset".
+For one preset (``serve_bench.PRESETS``, default ``larger``: SD 1.5 layout at 96/192/384/384
+channels, 128x128 px) the same recipe (the preset's rank-4 dog / watercolor LoRAs) is exported
+twice with the Python runner: ``--lora-mode baked`` (W_init, each LoRA alone and the pair baked:
+every step of the request on a baked session) and ``--lora-mode runtime --max-rank R`` (the LoRAs
+zero-padded to R: the runtime network's cost depends on R, not on the LoRA's own rank). The request
+"a dog <c> in watercolor style <s>" (time-gated ACFG, the recipe's size) then runs through
+:class:`craft_serving.runtime.PipelineRuntime` over :class:`craft_serving.local_infer.LocalInfer`
+(the ``unet`` model's own runner, in this process) four ways:
+
+* ``baked``: the baked repository;
+* ``runtime``: the runtime repository with merging off (``merged_variants=0``): every conditional
+  row on the runtime network, ACFG as one batch-2 call per step;
+* ``merged cold``: the runtime repository as served by default (``merge_after=2``, builds on a
+  worker thread), merged variants cleared before the request: each variant's calls run on the
+  runtime network until its merged session is ready (built on the other core meanwhile; the
+  bench waits for unfinished builds after the request, untimed, so they do not slow the next way);
+* ``merged warm``: the same request once every variant of it is merged (run untimed until no new
+  merge happens): what a repeated LoRA pair and gamma costs.
+
+Latency = ``generate`` wall time (tokenize + text encode + every step + VAE decode), one ONNX Runtime
+and one torch thread, the ways alternating within each repetition (order rotated) so load drift hits
+all alike, one warm-up each; the images of every way are compared with the baked one (uint8, <= 1).
+
+    .venv/bin/python benchmarks/runtime_image_bench.py [--preset larger] [--max-rank 64] [--steps 8,20]
+        [--seeds 1,2] [--repeats 1] [--tag NAME]
+
+Writes ``benchmarks/results/runtime-image[-<tag>]-<machine>-<YYYY-MM-DD>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
+
+WAYS = ("baked", "runtime", "merged cold", "merged warm")
+
+
+def _markdown(report: dict) -> str:
+    md = ["# Per image: runtime-LoRA repository (merged variants on / off) vs baked repository", "",
+          f"Machine: {report['machine']}, {report['cpus']} cores; ONNX Runtime and torch, 1 thread each; in-process "
+          f"serving pipeline ({report['path']}); preset {report['preset']}, runtime max rank {report['max_rank']}; "
+          "ways alternating within each repetition. Median over seeds x repetitions; overhead against baked.", "",
+          "| steps | images | baked ms | runtime ms | merged cold ms | merged warm ms | runtime | merged cold "
+          "| merged warm | merges started / request | build s | max pixel diff vs baked | load (1 min) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        ms = r["ms"]
+        md.append(f"| {r['steps']} | {r['images']} | {ms['baked']} | {ms['runtime']} | {ms['merged cold']} "
+                  f"| {ms['merged warm']} | {r['overhead']['runtime']:+.0%} | {r['overhead']['merged cold']:+.0%} "
+                  f"| {r['overhead']['merged warm']:+.0%} | {r['builds_per_request']} | {r['build_s']} "
+                  f"| {r['max_pixel_diff']} | {r['load'][0]} |")
+    md += ["", f"Load average at the start {report['load_average_start']}, at the end {report.get('load_average_end')}."
+           " Exports: " + ", ".join(f"{k} {v} s" for k, v in report["export_s"].items()) + "."]
+    return "\n".join(md) + "\n"
+
+
+def main() -> int:
+    import numpy as np
+    import torch
+
+    import serve_bench
+    from craft_export.exporter import ExportOptions, export_repository
+    from craft_ops.request import GenerateRequest
+    from craft_serving.local_infer import LocalInfer
+    from craft_serving.runtime import PipelineRuntime
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="larger", choices=sorted(serve_bench.PRESETS))
+    ap.add_argument("--max-rank", type=int, default=64)
+    ap.add_argument("--steps", default="8,20")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--repeats", type=int, default=1, help="repetitions per seed (each: one image each way)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    args = ap.parse_args()
+    steps_list = tuple(int(s) for s in args.steps.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    torch.set_num_threads(1)
+    date = datetime.date.today().isoformat()
+    out = RESULTS / f"runtime-image{'-' + args.tag if args.tag else ''}-{machine_slug()}-{date}.json"
+    report = {"bench": "runtime_image", "date": date, "machine": cpu_model(), "cpus": os.cpu_count(),
+              "load_average_start": load_average(), "git": git_state(), "threads": 1, "preset": args.preset,
+              "max_rank": args.max_rank, "path": "PipelineRuntime + LocalInfer (the unet model's UNetWeights runner)",
+              "prompt": serve_bench.PROMPT, "seeds": seeds, "repeats": args.repeats, "export_s": {}, "rows": []}
+
+    def save() -> None:
+        report["load_average_end"] = load_average()
+        write_report(report, out, _markdown(report))
+
+    with tempfile.TemporaryDirectory(prefix="rtimg-") as tmp:
+        tmp = Path(tmp)
+        recipe = serve_bench.build_preset(args.preset, tmp)
+        repos = {"baked": tmp / "baked", "runtime": tmp / f"runtime-r{args.max_rank}"}
+        for mode, repo in repos.items():
+            t0 = time.perf_counter()
+            export_repository(ExportOptions(recipe=recipe, out=repo, lora_mode=mode, runner="python",
+                                            **({"max_rank": args.max_rank} if mode == "runtime" else {})))
+            report["export_s"][mode] = round(time.perf_counter() - t0, 1)
+            print(f"[{mode}] exported in {report['export_s'][mode]} s", flush=True)
+        locals_ = {"baked": LocalInfer(repos["baked"], threads=1),
+                   "runtime": LocalInfer(repos["runtime"], threads=1, merged_variants=0),
+                   "merged": LocalInfer(repos["runtime"], threads=1)}
+        pipes = {name: PipelineRuntime(local.view, local) for name, local in locals_.items()}
+        runner = locals_["merged"].unet
+
+        def generate(way: str, seed: int, steps: int):
+            request = GenerateRequest(prompts=(serve_bench.PROMPT,), content=serve_bench.CONTENT,
+                                      style=serve_bench.STYLE, seed=seed, steps=steps)
+            if way == "merged cold":
+                runner.merged.clear()
+            elif way == "merged warm":  # untimed runs until every variant of the request is merged
+                for _ in range(3):
+                    before = runner.merged.built
+                    pipes["merged"].generate(request)
+                    if runner.merged.built == before:
+                        break
+            built = runner.merged.built if runner.merged is not None else 0
+            t = time.perf_counter()
+            images, _ = pipes[way.split()[0]].generate(request)
+            wall = time.perf_counter() - t
+            if way == "merged cold":  # builds still running would slow the next way's request down
+                runner.merged.wait()
+            builds = (runner.merged.built - built) if way.startswith("merged") else 0
+            return images, wall, builds
+
+        for way in WAYS:  # warm-up: sessions opened, LoRAs cached
+            generate(way, seeds[0], steps_list[0])
+        for steps in steps_list:
+            times = {w: [] for w in WAYS}
+            builds: list[int] = []
+            build_s: list[float] = []
+            diffs, k = [], 0
+            for seed in seeds:
+                for _ in range(args.repeats):
+                    order = WAYS[k % len(WAYS):] + WAYS[:k % len(WAYS)]
+                    k += 1
+                    images = {}
+                    for way in order:
+                        n0 = len(runner.merged.build_seconds)
+                        img, wall, b = generate(way, seed, steps)
+                        times[way].append(wall)
+                        images[way] = img
+                        if way == "merged cold":
+                            builds.append(b)
+                            build_s += runner.merged.build_seconds[n0:]
+                    diffs.append(max(int(np.abs(images[w].astype(np.int16) - images["baked"].astype(np.int16)).max())
+                                     for w in WAYS))
+            ms = {w: round(statistics.median(v) * 1000, 1) for w, v in times.items()}
+            report["rows"].append({
+                "steps": steps, "images": len(times["baked"]), "ms": ms,
+                "all_ms": {w: [round(t * 1000, 1) for t in v] for w, v in times.items()},
+                "overhead": {w: round(ms[w] / ms["baked"] - 1, 4) for w in WAYS if w != "baked"},
+                "builds_per_request": max(builds) if builds else 0,
+                "build_s": round(statistics.median(build_s), 2) if build_s else None,
+                "max_pixel_diff": max(diffs), "load": load_average()})
+            print(report["rows"][-1], flush=True)
+            save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Runtime LoRAs merged into W_init's graph for the variants a server keeps using (issue 14).
+
+The runtime-LoRA network pays for its LoRA branches on every call (``B (A x)`` beside every routed
+weight; at rank 64 on a narrow UNet that is a large share of the work). A request's conditional
+branch, though, keeps one variant (content, gamma_c, style, gamma_s) for many steps: the gates only
+change at the time-gate window edges. :class:`MergedVariants` bakes such a variant *in memory*:
+``W = W_init + gamma_c dW^c + gamma_s dW^s`` (Eq. 8) for the routed modules it touches, computed
+from the repository's factor files (``dW = B A``, alpha/rank already in ``B``), handed to an ONNX
+Runtime session of W_init's own graph in place of the file's values
+(``SessionOptions.add_external_initializers``, applied before graph optimization; every other
+weight is given as the runner's shared W_init value). Its calls then cost what a baked variant's calls cost.
+
+Policy: a variant is merged once it was asked for ``after`` times (default 2: a variant seen once,
+such as a step on a time-gate window edge, never costs a session); at most ``capacity`` merged
+variants are held (least recently used closed first; 0 turns merging off). A build costs the merge
+(one matmul per routed module) plus opening a session (about 1.6 s on the larger benchmark preset,
+about 1 s on the tiny one). By default it runs on one worker thread (ONNX Runtime releases the GIL
+while it opens a session) and the variant's calls stay on the runtime network until it is ready,
+so a request never waits for a build; ``background=False`` builds inside the call that triggers it
+(which network a step runs on then depends only on the sequence of calls, not on timing). Either
+way the merged and the runtime network agree to fp32 rounding (the tests hold both to the baked
+variants at 1e-4). A merged variant holds its changed weights (fp32) and the session's own
+prepacked kernels.
+
+A LoRA whose factor file changed (re-registered) or was removed is dropped with the manifest that
+says so (:meth:`MergedVariants.keep_only`); a new W_init drops everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from craft_export.ort import OrtSession
+from craft_export.unet_runner import MERGE_AFTER, MERGED_VARIANTS
+from craft_ops.aggregate import Variant
+from craft_ops.runtime_lora import RuntimeLayout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "weight_name"]
+
+DEFAULT_MERGE_AFTER = MERGE_AFTER  # calls of a variant before it is merged (the unet model's config parameter)
+DEFAULT_MERGED_VARIANTS = MERGED_VARIANTS  # merged sessions held at once (likewise)
+
+FactorKey = tuple[str | None, str | None]  # the variant's (content, style) factors keys
+FactorsKey = Callable[[str, str], str]  # (LoRA name, kind) -> its factors key; raises for a LoRA not served
+Factors = Callable[[str, str], Mapping[str, tuple[object, object]]]  # (name, kind) -> {module: (A, B)}
+
+
+def weight_name(module: str) -> str:
+    """The initializer of a UNet module's weight in an exported UNet graph (``UNetNet`` wraps the UNet)."""
+    return f"inner.unet.{module}.weight"
+
+
+class _Merged:
+    __slots__ = ("key", "session", "arrays", "values", "nbytes", "seconds")
+
+    def __init__(self, key: FactorKey, session: OrtSession, arrays: dict[str, np.ndarray], values: dict,
+                 seconds: float):
+        # the session reads ``values`` (OrtValues over ``arrays``): both live as long as it does
+        self.key, self.session, self.arrays, self.values, self.seconds = key, session, arrays, values, seconds
+        self.nbytes = sum(a.nbytes for a in arrays.values())
+
+    def __call__(self, inputs):
+        return self.session.run_torch(inputs)["noise_pred"]
+
+
+class MergedVariants:
+    """See the module docstring.
+
+    ``base_onnx``: W_init's ``model.onnx``; ``shared()``: its external weights as ``(arrays, OrtValues)``
+    by initializer name (the runner's, loaded once); ``factors_key(name, kind)``: a served LoRA's factors
+    key (raises, naming the field, for one it does not serve); ``factors(name, kind)``: its unpadded
+    factors ``{module: (A (r, fan_in), B (d_out, r))}``. ``background``: build on a worker thread
+    (the calls meanwhile run on the runtime network); False: inside the call that triggers it.
+
+    Not thread-safe: one caller at a time (the runner's lock); the worker only computes.
+    """
+
+    def __init__(self, base_onnx: Path, layout: RuntimeLayout, shared: Callable[[], tuple[Mapping, Mapping]],
+                 factors_key: FactorsKey, factors: Factors, *, threads: int = 0, after: int = DEFAULT_MERGE_AFTER,
+                 capacity: int = DEFAULT_MERGED_VARIANTS, background: bool = True):
+        for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{field}: must be an integer >= {low}, got {value!r}")
+        self.base_onnx, self.layout, self.shared = Path(base_onnx), layout, shared
+        self.factors_key, self.factors = factors_key, factors
+        self.threads, self.after, self.capacity = threads, after, capacity
+        self.held: OrderedDict[Variant, _Merged] = OrderedDict()
+        self.calls: dict[Variant, int] = {}
+        self.pending: dict[Variant, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="craft-merge") if background and capacity else None
+        self.built = 0  # sessions opened so far
+        self.build_seconds: list[float] = []
+        self._embedded: list[str] | None = None  # W_init weights that cannot be merged into (logged once)
+
+    def __call__(self, variant: Variant):
+        """The merged call for ``variant``, or None while it runs on the runtime network."""
+        if self.capacity == 0 or variant.is_base:
+            return None
+        self._collect()
+        held = self.held.get(variant)
+        if held is not None:
+            if held.key == self._keys(variant):
+                self.held.move_to_end(variant)
+                return held
+            del self.held[variant]  # its LoRA was re-registered since
+        if variant in self.pending:
+            return None
+        count = self.calls[variant] = self.calls.get(variant, 0) + 1
+        if count < self.after:
+            if len(self.calls) > 64 * max(1, self.capacity):  # a server with ever-new gammas: forget counts
+                self.calls = {variant: count}
+            return None
+        self.calls.pop(variant, None)
+        job = self._prepare(variant)
+        if job is None:
+            self.calls[variant] = -(2**62)  # cannot be merged: not tried again
+            return None
+        if self._pool is not None:
+            self.pending[variant] = self._pool.submit(self._build, variant, *job)
+            return None
+        return self._hold(variant, self._build(variant, *job))
+
+    def wait(self) -> None:
+        """Let every build in progress finish and hold its result."""
+        for future in list(self.pending.values()):
+            future.exception()
+        self._collect()
+
+    def clear(self) -> None:
+        """Close every merged variant and forget the call counts (builds in progress are waited for)."""
+        self.wait()
+        self.held.clear()
+        self.calls.clear()
+
+    def discard(self) -> None:
+        """Drop everything now (a new W_init or runtime network): builds in progress are not waited for."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.held.clear()
+        self.calls.clear()
+        self.pending.clear()
+
+    def keep_only(self, keys: Mapping[str, str]) -> None:
+        """Drop merged variants whose LoRAs are not served with these factors keys (name -> key) any more."""
+        for variant in [v for v, m in self.held.items()
+                        if any(n is not None and keys.get(n) != k for n, k in zip((v.content, v.style), m.key))]:
+            del self.held[variant]
+        self.calls = {v: c for v, c in self.calls.items() if all(n is None or n in keys for n in (v.content, v.style))}
+
+    @property
+    def nbytes(self) -> int:
+        """The changed weights held by merged variants (their sessions' kernels come on top)."""
+        return sum(m.nbytes for m in self.held.values())
+
+    def _collect(self) -> None:
+        for variant in [v for v, f in self.pending.items() if f.done()]:
+            future = self.pending.pop(variant)
+            exc = future.exception()
+            if exc is not None:
+                log.warning("merged variants: merging %s failed, it stays on the runtime network: %s", variant, exc)
+                self.calls[variant] = -(2**62)
+            else:
+                self._hold(variant, future.result())
+
+    def _hold(self, variant: Variant, merged: "_Merged") -> "_Merged":
+        while len(self.held) >= self.capacity:
+            old, gone = self.held.popitem(last=False)
+            log.info("merged variants: closing %s (%.1f MiB)", old, gone.nbytes / 2**20)
+        self.held[variant] = merged
+        return merged
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _keys(self, variant: Variant) -> FactorKey:
+        return (self.factors_key(variant.content, "content") if variant.content else None,
+                self.factors_key(variant.style, "style") if variant.style else None)
+
+    def _w0(self, names: set[str], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """W_init's values of ``names`` (the runner's external weights); None if one is embedded in the
+        graph (ONNX Runtime can replace external initializers only: such a variant is not merged)."""
+        missing = names - set(arrays)
+        if missing:
+            if self._embedded is None:
+                self._embedded = sorted(missing)
+                log.warning("merged variants: %s (and %d more) is not in an external data file of %s; variants "
+                            "touching such weights stay on the runtime network", self._embedded[0],
+                            len(missing) - 1, self.base_onnx)
+            return None
+        return {n: arrays[n] for n in names}
+
+    def _prepare(self, variant: Variant):
+        """On the caller's thread: the variant's factors keys, gated factors and W_init values, or None."""
+        key = self._keys(variant)
+        terms: dict[str, list] = {}
+        for kind, name, gate in (("content", variant.content, variant.gamma_c), ("style", variant.style, variant.gamma_s)):
+            if name is None:
+                continue
+            for module, (A, B) in self.factors(name, kind).items():
+                terms.setdefault(module, []).append((gate, np.asarray(A, np.float32), np.asarray(B, np.float32)))
+        arrays, values = self.shared()
+        w0 = self._w0({weight_name(m) for m in terms}, arrays)
+        if w0 is None:
+            return None
+        return key, terms, w0, values
+
+    def _build(self, variant: Variant, key: FactorKey, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
+               values: Mapping) -> _Merged:
+        """Eq. 8 for the variant's modules, then W_init's graph opened with them (any thread)."""
+        import onnxruntime as ort
+
+        t0 = time.perf_counter()
+        by_name = {m.name: m for m in self.layout.modules}
+        changed: dict[str, np.ndarray] = {}
+        for module, gated in terms.items():
+            name = weight_name(module)
+            w = w0[name].astype(np.float32, copy=True)
+            for gate, A, B in gated:
+                w += np.float32(gate) * (B @ A).reshape(by_name[module].shape)
+            changed[name] = w
+        own = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in changed.items()}
+        session = OrtSession(self.base_onnx, threads=self.threads, external=own,
+                             initializers={n: v for n, v in values.items() if n not in changed})
+        seconds = time.perf_counter() - t0
+        self.built += 1
+        self.build_seconds.append(seconds)
+        merged = _Merged(key, session, changed, own, seconds)
+        log.info("merged variants: %s merged into W_init's graph in %.2f s (%d weights, %.1f MiB)",
+                 variant, seconds, len(changed), merged.nbytes / 2**20)
+        return merged
