@@ -80,19 +80,21 @@ class MergedVariants:
     key (raises, naming the field, for one it does not serve); ``factors(name, kind)``: its unpadded
     factors ``{module: (A (r, fan_in), B (d_out, r))}``. ``background``: build on a worker thread
     (the calls meanwhile run on the runtime network); False: inside the call that triggers it.
+    ``report(message)``: told when a merged variant starts serving (the Triton model's log).
 
     Not thread-safe: one caller at a time (the runner's lock); the worker only computes.
     """
 
     def __init__(self, base_onnx: Path, layout: RuntimeLayout, shared: Callable[[], tuple[Mapping, Mapping]],
                  factors_key: FactorsKey, factors: Factors, *, threads: int = 0, after: int = DEFAULT_MERGE_AFTER,
-                 capacity: int = DEFAULT_MERGED_VARIANTS, background: bool = True):
+                 capacity: int = DEFAULT_MERGED_VARIANTS, background: bool = True,
+                 report: Callable[[str], None] | None = None):
         for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{field}: must be an integer >= {low}, got {value!r}")
         self.base_onnx, self.layout, self.shared = Path(base_onnx), layout, shared
         self.factors_key, self.factors = factors_key, factors
-        self.threads, self.after, self.capacity = threads, after, capacity
+        self.threads, self.after, self.capacity, self.report = threads, after, capacity, report
         self.held: OrderedDict[Variant, _Merged] = OrderedDict()
         self.calls: dict[Variant, int] = {}
         self.pending: dict[Variant, Future] = {}
@@ -176,6 +178,9 @@ class MergedVariants:
             old, gone = self.held.popitem(last=False)
             log.info("merged variants: closing %s (%.1f MiB)", old, gone.nbytes / 2**20)
         self.held[variant] = merged
+        if self.report is not None:
+            self.report(f"merged variant {variant} serving (built in {merged.seconds:.2f} s, "
+                        f"{merged.nbytes / 2**20:.1f} MiB of merged weights, {len(self.held)} held)")
         return merged
 
     # -- building ---------------------------------------------------------------------------------

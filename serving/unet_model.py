@@ -48,7 +48,8 @@ class UNetModel:
         repo = Path(args["model_repository"]).resolve().parent
         self.weights = UNetWeights(repo, threads=int(params.get("threads", "0") or 0),
                                    merge_after=_int_param(params, "merge_after", DEFAULT_MERGE_AFTER),
-                                   merged_variants=_int_param(params, "merged_variants", DEFAULT_MERGED_VARIANTS))
+                                   merged_variants=_int_param(params, "merged_variants", DEFAULT_MERGED_VARIANTS),
+                                   report=lambda message: pb_utils.Logger.log_info(f"craft: {message}"))
         self.ranks = self.weights.input_ranks
 
     def _arrays(self, request) -> dict[str, np.ndarray]:

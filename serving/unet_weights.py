@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,16 +91,18 @@ def shared_initializers(onnx_path: Path) -> dict[str, np.ndarray]:
 
 class UNetWeights:
     """See the module docstring. ``root``: the repository; ``threads``: ONNX Runtime intra-op threads;
-    ``cache_mb``: the runtime LoRA cache budget; ``merge_after`` / ``merged_variants`` / ``merge_background``: see
+    ``cache_mb``: the runtime LoRA cache budget; ``merge_after`` / ``merged_variants`` / ``merge_background`` /
+    ``report``: see
     :class:`~.merged_unet.MergedVariants` (``merged_variants=0``: every LoRA row on the runtime network)."""
 
     def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB,
                  merge_after: int = DEFAULT_MERGE_AFTER, merged_variants: int = DEFAULT_MERGED_VARIANTS,
-                 merge_background: bool = True):
+                 merge_background: bool = True, report: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.threads = threads
         self.cache_mb = cache_mb
         self.merge_after, self.merged_variants, self.merge_background = merge_after, merged_variants, merge_background
+        self.report = report
         self.merged: MergedVariants | None = None
         self._lock = threading.Lock()
         self._stamp: Stamp | None = None
@@ -162,7 +164,7 @@ class UNetWeights:
             self.merged = MergedVariants(self.root / self.folders[BASE] / "1" / "model.onnx", self.runtime.layout,
                                          self._shared_arrays, self.runtime.factors_key, self.runtime.factors,
                                          threads=self.threads, after=self.merge_after, capacity=self.merged_variants,
-                                         background=self.merge_background)
+                                         background=self.merge_background, report=self.report)
         else:  # the same network: drop what a re-registered or removed LoRA merged
             self.runtime.refresh()
             self.merged.keep_only({n: entry[2] for n, entry in self.runtime.loras.items()})

@@ -6,7 +6,8 @@ the nvidia-pytriton wheel, loopback). Checked: the repository's one ``unet`` mod
 per-variant models; a served image equals the baked reference image (PyTorch, Eq. 8 weights) within
 1/255 on the baked route, the runtime route and a continuous gamma; two concurrent requests with
 different LoRAs each equal their solo image; a LoRA registered with ``craft export --lora-mode
-runtime`` while the server runs is served on the next request, without a Triton reload; in process,
+runtime`` while the server runs is served on the next request, without a Triton reload; a variant
+asked for again is merged in the stub and still gives the reference image; in process,
 the served pipeline's code gives the same image with ACFG as one batch-2 call or two batch-1 calls.
 """
 
@@ -92,6 +93,22 @@ def test_concurrent_requests_with_different_loras_equal_solo(runtime_served):
         together = list(pool.map(lambda kw: client.generate(**kw, steps=STEPS).images, kws * 2))
     for i, got in enumerate(together):
         assert _close(got, solo[i % 2]), f"request {i} differs from its solo run"
+
+
+def test_repeated_variant_is_merged_by_the_served_runner(runtime_served, ref_pipes):
+    """A runtime-network variant asked for again is merged into W_init's graph by the ``unet`` stub
+    (on its worker thread; the Triton log says when it serves) and the image stays the reference's."""
+    _, client, log = runtime_served
+    kw = dict(prompt="a bull <c> in watercolor style <s>", content="bull", style="watercolor", gamma_c=0.55)
+    want = _want(ref_pipes["sd15"], seed=21, **dict(kw))
+    deadline = time.monotonic() + 60
+    while "craft: merged variant c=bull@0.55+s=watercolor@1 serving" not in log.read_text():
+        assert time.monotonic() < deadline, "no merged variant served within 60 s"
+        got = client.generate(**kw, seed=21, steps=STEPS).images
+        assert _close(got, want)
+        time.sleep(0.5)
+    got = client.generate(**kw, seed=21, steps=STEPS).images  # on the merged session now
+    assert _close(got, want), f"max diff {np.abs(got.astype(int) - want.astype(int)).max()}"
 
 
 def test_lora_registered_while_serving_is_served_next_request(runtime_served, demo_dir, ref_pipes, tmp_path):
