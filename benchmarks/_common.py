@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -47,6 +48,15 @@ def load_average() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def report_start(bench: str, tag: str = "", **fields) -> tuple[Path, dict]:
+    """The result file ``results/<bench>[-<tag>]-<machine>-<date>.json`` and a report that already
+    names the bench, date, machine, load average and checkout, plus ``fields``."""
+    date = datetime.date.today().isoformat()
+    out = RESULTS / f"{bench.replace('_', '-')}{'-' + tag if tag else ''}-{machine_slug()}-{date}.json"
+    return out, {"bench": bench, "date": date, "machine": cpu_model(), "cpus": os.cpu_count(),
+                 "load_average_start": load_average(), "git": git_state(), **fields}
 
 
 def write_report(report: dict, out: Path, markdown: str, note: str = "") -> None:

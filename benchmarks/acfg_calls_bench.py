@@ -29,7 +29,6 @@ Writes ``benchmarks/results/acfg-calls[-<tag>]-<machine>-<YYYY-MM-DD>.json`` and
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
+from _common import load_average, report_start, write_report  # noqa: E402
 
 WAYS = {"one": "step", "two": "branch"}  # report name -> PipelineRuntime(unet_calls=...)
 
@@ -93,13 +92,10 @@ def main() -> int:
     ranks = tuple(int(r) for r in args.ranks.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     torch.set_num_threads(1)
-    date = datetime.date.today().isoformat()
-    out = RESULTS / f"acfg-calls{'-' + args.tag if args.tag else ''}-{machine_slug()}-{date}.json"
-    report = {"bench": "acfg_calls", "date": date, "machine": cpu_model(), "cpus": os.cpu_count(),
-              "load_average_start": load_average(), "uptime_start": _uptime(), "git": git_state(), "ort_threads": 1,
-              "path": "PipelineRuntime + LocalInfer (the unet model's UNetWeights runner), no tritonserver",
-              "prompt": serve_bench.PROMPT, "content": serve_bench.CONTENT, "style": serve_bench.STYLE,
-              "seeds": seeds, "repeats": args.repeats, "rows": []}
+    out, report = report_start("acfg_calls", args.tag, uptime_start=_uptime(), ort_threads=1,
+                               path="PipelineRuntime + LocalInfer (the unet model's UNetWeights runner), no tritonserver",
+                               prompt=serve_bench.PROMPT, content=serve_bench.CONTENT, style=serve_bench.STYLE,
+                               seeds=seeds, repeats=args.repeats, rows=[])
 
     def save() -> None:
         report["load_average_end"] = load_average()

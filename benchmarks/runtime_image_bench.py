@@ -33,7 +33,6 @@ Writes ``benchmarks/results/runtime-image[-<tag>]-<machine>-<YYYY-MM-DD>.json`` 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _common import RESULTS, cpu_model, git_state, load_average, machine_slug, write_report  # noqa: E402
+from _common import load_average, report_start, write_report  # noqa: E402
 
 WAYS = ("baked", "runtime", "merged cold", "merged warm")
 
@@ -89,12 +88,9 @@ def main() -> int:
     steps_list = tuple(int(s) for s in args.steps.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     torch.set_num_threads(1)
-    date = datetime.date.today().isoformat()
-    out = RESULTS / f"runtime-image{'-' + args.tag if args.tag else ''}-{machine_slug()}-{date}.json"
-    report = {"bench": "runtime_image", "date": date, "machine": cpu_model(), "cpus": os.cpu_count(),
-              "load_average_start": load_average(), "git": git_state(), "threads": 1, "preset": args.preset,
-              "max_rank": args.max_rank, "path": "PipelineRuntime + LocalInfer (the unet model's UNetWeights runner)",
-              "prompt": serve_bench.PROMPT, "seeds": seeds, "repeats": args.repeats, "export_s": {}, "rows": []}
+    out, report = report_start("runtime_image", args.tag, threads=1, preset=args.preset, max_rank=args.max_rank,
+                               path="PipelineRuntime + LocalInfer (the unet model's UNetWeights runner)",
+                               prompt=serve_bench.PROMPT, seeds=seeds, repeats=args.repeats, export_s={}, rows=[])
 
     def save() -> None:
         report["load_average_end"] = load_average()
