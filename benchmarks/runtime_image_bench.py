@@ -164,6 +164,7 @@ def main() -> int:
                 "max_pixel_diff": max(diffs), "load": load_average()})
             print(report["rows"][-1], flush=True)
             save()
+        runner.merged.wait()  # no build left running once the repositories are deleted
     save()
     return 0
 
