@@ -96,6 +96,11 @@ def _step_rng(seed: int, stage: int, step: int) -> tuple[np.random.Generator, to
             torch.Generator("cpu").manual_seed(seed * 1_000_003 + stage * 100_000_007 + step))
 
 
+def _adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused CPU kernel (about a third of a UNet step faster than the per-tensor loop)."""
+    return torch.optim.AdamW(params, fused=True, **kwargs)
+
+
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -108,8 +113,8 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def train_vae(config: BaseTrainConfig, images: torch.Tensor, record: dict, progress: StageProgress | None = None):
     """AutoencoderKL on random crops; returns the trained VAE (eval, frozen)."""
-    vae = build_vae(config.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    vae = build_vae(config.seed).to(memory_format=torch.channels_last)  # ~15 % faster convolutions on CPU
+    opt = _adamw(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     N, _, H, W = images.shape
     c, losses = config.vae_crop, []
     vae.train()
@@ -118,6 +123,7 @@ def train_vae(config: BaseTrainConfig, images: torch.Tensor, record: dict, progr
         idx = rng.integers(N, size=config.vae_batch)
         ys, xs = rng.integers(H - c + 1, size=config.vae_batch), rng.integers(W - c + 1, size=config.vae_batch)
         x = torch.stack([images[i, :, y:y + c, x0:x0 + c] for i, y, x0 in zip(idx, ys, xs)])
+        x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = _lr(step, config.vae_steps, config.vae_lr, min(config.warmup, config.vae_steps // 10))
         posterior = vae.encode(x).latent_dist
@@ -130,7 +136,7 @@ def train_vae(config: BaseTrainConfig, images: torch.Tensor, record: dict, progr
         losses.append(loss.item())
         _tick(progress, "vae", step + 1, config.vae_steps, {"loss": losses[-1]})
     record["vae_loss"] = _thin(losses)
-    return vae.eval().requires_grad_(False)
+    return vae.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -164,14 +170,20 @@ class CaptionCache:
 def train_unet(config: BaseTrainConfig, latents: torch.Tensor, scenes, captions: CaptionCache, record: dict,
                progress: StageProgress | None = None):
     """Epsilon-prediction training with min-SNR weights; returns the EMA UNet."""
+    from diffusers.models.attention_processor import AttnProcessor
+
     unet = build_unet(config.seed + 1)
+    # the same attention as the default SDPA processor, but its backward is about 1.5x faster on CPU
+    # for these small heads; the EMA copy (what is saved) keeps the default processor
+    unet.set_attn_processor(AttnProcessor())
     ema = build_unet(config.seed + 1)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     schedule = NoiseSchedule.from_config(SCHEDULER)
     snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
     weight = torch.clamp(snr, max=config.min_snr_gamma) / snr  # epsilon target: min(SNR, g) / SNR
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
+    opt = _adamw(unet.parameters(), lr=config.unet_lr, weight_decay=0.01)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     N, losses = latents.shape[0], []
     unet.train()
     for step in range(config.unet_steps):
@@ -191,8 +203,7 @@ def train_unet(config: BaseTrainConfig, latents: torch.Tensor, scenes, captions:
         opt.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(loss.item())
         _tick(progress, "unet", step + 1, config.unet_steps, {"loss": losses[-1]})
     record["unet_loss"] = _thin(losses)
