@@ -10,7 +10,7 @@ Runtime session of W_init's own graph in place of the file's values
 (``SessionOptions.add_external_initializers``, applied before graph optimization; every other
 weight is given as the runner's shared W_init value). Its calls then cost what a baked variant's calls cost.
 
-Policy: a variant is merged once it was asked for ``after`` times (default 2: a variant seen once,
+Policy: a variant is merged once ``after`` UNet calls had rows of it (default 2: a variant seen once,
 such as a step on a time-gate window edge, never costs a session); at most ``capacity`` merged
 variants are held (least recently used closed first; 0 turns merging off). A build costs the merge
 (one matmul per routed module) plus opening a session (about 1.6 s on the larger benchmark preset,
@@ -23,7 +23,10 @@ variants at 1e-4). A merged variant holds its changed weights (fp32) and the ses
 prepacked kernels.
 
 A LoRA whose factor file changed (re-registered) or was removed is dropped with the manifest that
-says so (:meth:`MergedVariants.keep_only`); a new W_init drops everything.
+says so (:meth:`MergedVariants.keep_only`); a new W_init drops everything. A build that fails (say,
+out of memory) leaves its variant on the runtime network and is tried again after ``after * 8**k``
+more calls (k = failures so far), at most :data:`BUILD_TRIES` times; a variant whose weights cannot be
+replaced (embedded in the graph) is never merged.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ from craft_ops.runtime_lora import RuntimeLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "weight_name"]
+__all__ = ["BUILD_TRIES", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "weight_name"]
 
 DEFAULT_MERGE_AFTER = MERGE_AFTER  # calls of a variant before it is merged (the unet model's config parameter)
 DEFAULT_MERGED_VARIANTS = MERGED_VARIANTS  # merged sessions held at once (likewise)
+BUILD_TRIES = 3  # failed builds of one variant before it stays on the runtime network for good
 
 FactorKey = tuple[str | None, str | None]  # the variant's (content, style) factors keys
 FactorsKey = Callable[[str, str], str]  # (LoRA name, kind) -> its factors key; raises for a LoRA not served
@@ -98,6 +102,8 @@ class MergedVariants:
         self.held: OrderedDict[Variant, _Merged] = OrderedDict()
         self.calls: dict[Variant, int] = {}
         self.pending: dict[Variant, Future] = {}
+        self.failures: dict[Variant, int] = {}  # failed builds per variant
+        self.blocked: set[Variant] = set()  # never merged (weights embedded in the graph, or BUILD_TRIES failures)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="craft-merge") if background and capacity else None
         self.built = 0  # sessions opened so far
         self.build_seconds: list[float] = []
@@ -114,7 +120,7 @@ class MergedVariants:
                 self.held.move_to_end(variant)
                 return held
             del self.held[variant]  # its LoRA was re-registered since
-        if variant in self.pending:
+        if variant in self.pending or variant in self.blocked:
             return None
         count = self.calls[variant] = self.calls.get(variant, 0) + 1
         if count < self.after:
@@ -124,12 +130,17 @@ class MergedVariants:
         self.calls.pop(variant, None)
         job = self._prepare(variant)
         if job is None:
-            self.calls[variant] = -(2**62)  # cannot be merged: not tried again
+            self.blocked.add(variant)
             return None
         if self._pool is not None:
             self.pending[variant] = self._pool.submit(self._build, variant, *job)
             return None
-        return self._hold(variant, self._build(variant, *job))
+        try:
+            merged = self._build(variant, *job)
+        except Exception as exc:  # noqa: BLE001 - the call itself still runs, on the runtime network
+            self._failed(variant, exc)
+            return None
+        return self._hold(variant, merged)
 
     def wait(self) -> None:
         """Let every build in progress finish and hold its result."""
@@ -142,6 +153,8 @@ class MergedVariants:
         self.wait()
         self.held.clear()
         self.calls.clear()
+        self.failures.clear()
+        self.blocked.clear()
 
     def discard(self) -> None:
         """Drop everything now (a new W_init or runtime network): builds in progress are not waited for."""
@@ -150,13 +163,18 @@ class MergedVariants:
         self.held.clear()
         self.calls.clear()
         self.pending.clear()
+        self.failures.clear()
+        self.blocked.clear()
 
     def keep_only(self, keys: Mapping[str, str]) -> None:
         """Drop merged variants whose LoRAs are not served with these factors keys (name -> key) any more."""
         for variant in [v for v, m in self.held.items()
                         if any(n is not None and keys.get(n) != k for n, k in zip((v.content, v.style), m.key))]:
             del self.held[variant]
-        self.calls = {v: c for v, c in self.calls.items() if all(n is None or n in keys for n in (v.content, v.style))}
+        served = lambda v: all(n is None or n in keys for n in (v.content, v.style))  # noqa: E731
+        self.calls = {v: c for v, c in self.calls.items() if served(v)}
+        self.failures = {v: n for v, n in self.failures.items() if served(v)}
+        self.blocked = {v for v in self.blocked if served(v)}
 
     @property
     def nbytes(self) -> int:
@@ -168,10 +186,21 @@ class MergedVariants:
             future = self.pending.pop(variant)
             exc = future.exception()
             if exc is not None:
-                log.warning("merged variants: merging %s failed, it stays on the runtime network: %s", variant, exc)
-                self.calls[variant] = -(2**62)
+                self._failed(variant, exc)
             else:
                 self._hold(variant, future.result())
+
+    def _failed(self, variant: Variant, exc: BaseException) -> None:
+        n = self.failures[variant] = self.failures.get(variant, 0) + 1
+        if n >= BUILD_TRIES:
+            self.blocked.add(variant)
+            log.warning("merged variants: merging %s failed %d times, it stays on the runtime network: %s",
+                        variant, n, exc)
+            return
+        wait = self.after * 8**n
+        self.calls[variant] = self.after - wait  # the build is tried again on the ``wait``-th call from now
+        log.warning("merged variants: merging %s failed (try %d of %d), it runs on the runtime network and is "
+                    "tried again after %d more calls: %s", variant, n, BUILD_TRIES, wait, exc)
 
     def _hold(self, variant: Variant, merged: "_Merged") -> "_Merged":
         while len(self.held) >= self.capacity:

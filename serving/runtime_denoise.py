@@ -38,7 +38,8 @@ class RoutedDenoiser:
 
     def route(self, variants: Sequence[Variant]) -> list[Session | None]:
         """Per row: its baked session, or None for the runtime network (which W_init rows then join)."""
-        sessions = [self.baked(v) for v in variants]
+        found = {v: self.baked(v) for v in dict.fromkeys(variants)}  # asked once per call, however many rows
+        sessions = [found[v] for v in variants]
         if any(s is None for s in sessions):  # W_init rides along with the runtime call
             sessions = [None if v.is_base else s for v, s in zip(variants, sessions)]
         return sessions

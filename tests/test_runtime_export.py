@@ -280,6 +280,46 @@ def test_merged_variants_equal_baked_and_follow_their_lora(runtime_repo, referen
     assert set(runner.merged.held) == {Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)}
 
 
+def test_a_failed_merge_is_retried_then_given_up(runtime_repo, reference, monkeypatch):
+    """A merge whose build fails (say, out of memory) leaves its rows on the runtime network - the call
+    still answers - and is tried again ``merge_after * 8**k`` calls later; after ``BUILD_TRIES`` failures
+    the variant is not tried again."""
+    from craft_serving import merged_unet
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = reference[3]
+    real, attempts = merged_unet.OrtSession, []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if fail[0] > 0:
+            fail[0] -= 1
+            raise RuntimeError("injected: out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merged_unet, "OrtSession", flaky)
+    monkeypatch.setattr(merged_unet, "BUILD_TRIES", 2)
+    fail = [1]
+    v = Variant("bull", 0.4)
+    rows = [v] * int(x["sample"].shape[0])
+    want = _baked(reference, rows)
+    runner = UNetWeights(out, threads=1, merge_after=1, merge_background=False)
+    assert float((runner(x, rows) - want).abs().max()) < TOL  # the build failed; the runtime network answered
+    assert runner.merged.failures == {v: 1} and not runner.merged.held and len(attempts) == 1
+    for _ in range(7):  # retried on the 8th call from the failure (merge_after * 8)
+        runner(x, rows)
+    assert len(attempts) == 1
+    assert float((runner(x, rows) - want).abs().max()) < TOL
+    assert len(attempts) == 2 and runner.merged.built == 1 and v in runner.merged.held
+    # a variant that keeps failing: BUILD_TRIES (2 here) builds, then never again
+    fail[0], w = 99, Variant("bull", 0.5)
+    rows = [w] * len(rows)
+    for _ in range(20):
+        runner(x, rows)
+    assert len(attempts) == 4 and w in runner.merged.blocked and w not in runner.merged.held
+
+
 @pytest.mark.extended
 def test_merged_variants_capacity_switch_and_worker_thread(runtime_repo, reference):
     """At most ``merged_variants`` held (LRU), 0 turns merging off, bad settings are refused by name, and
