@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# submodule -> the names this package re-exports from it
+# submodule -> the names this package re-exports from it (the function ``aggregate`` is not among them:
+# ``craft_ops.aggregate`` is its module, whichever was imported first)
 _EXPORTS = {
-    "aggregate": ("BASE", "Variant", "aggregate", "routed_deltas"),
+    "aggregate": ("BASE", "Variant", "routed_deltas"),
     "conditioning": ("build_conditioning", "run_plan", "to_uint8", "tokenize", "unet_inputs"),
     "gates": ("DEFAULT_CONTENT_WINDOW", "DEFAULT_STYLE_WINDOW", "GateError", "PromptGates", "Window", "check_gamma",
               "gate_schedule", "parse_prompt", "step_gates"),
