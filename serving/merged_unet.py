@@ -130,6 +130,8 @@ class MergedVariants:
         self.calls.pop(variant, None)
         job = self._prepare(variant)
         if job is None:
+            if len(self.blocked) >= 64 * max(1, self.capacity):  # ever-new gammas: keep the set bounded
+                self.blocked.clear()
             self.blocked.add(variant)
             return None
         if self._pool is not None:
