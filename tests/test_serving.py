@@ -258,8 +258,14 @@ def test_unary_cancellation_stops_work(served):
 
     async def run() -> None:
         async with AsyncCraftClient(s.grpc, "grpc", timeout=300) as client:
+            before = await asyncio.to_thread(_unet_executions, s)
             task = asyncio.create_task(client.generate("a dog <c>", **_fields(content="dog", steps=399)))
-            await asyncio.sleep(4.0)
+            deadline = time.monotonic() + 120  # cancel once the loop runs (a request cancelled in Triton's
+            while time.monotonic() < deadline and not task.done():  # queue never reaches the model to log it)
+                if await asyncio.to_thread(_unet_executions, s) >= before + 2:
+                    break
+                await asyncio.sleep(0.2)
+            assert not task.done(), "the 399-step request ended before it was cancelled"
             task.cancel()
             try:
                 await task
@@ -273,6 +279,20 @@ def test_unary_cancellation_stops_work(served):
         t0 = time.monotonic()
         client.generate("a dog <c>", **_fields(content="dog"))
         assert time.monotonic() - t0 < 60
+
+
+def _unet_executions(s: Served) -> int:
+    """How many times the server's ``unet`` model has run (Triton's statistics, an admin API)."""
+    import tritonclient.http as httpclient
+
+    from craft_serving.admin import admin_headers
+
+    c = httpclient.InferenceServerClient(s.http)
+    try:
+        stats = c.get_inference_statistics("unet", headers=admin_headers(ADMIN_KEY, "http"))
+    finally:
+        c.close()
+    return int(stats["model_stats"][0]["execution_count"])
 
 
 def _wait_log(log: Path, pattern: str, timeout: float = 60.0):
