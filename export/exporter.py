@@ -212,7 +212,8 @@ def _reusable(out: Path, job: ModelJob, prev: Mapping | None, build: Mapping[str
     folder = out / job.name
     # the runtime network, and UNet weights served by the one UNet model, are not Triton models
     weights_only = job.network == "unet_lora" or (job.network == "unet" and served_by_runner(build))
-    marker = folder / "1" / "model.onnx" if weights_only else folder / "config.pbtxt"
+    weights_file = "model.plan" if build.get("runtime") == "tensorrt" else "model.onnx"
+    marker = folder / "1" / weights_file if weights_only else folder / "config.pbtxt"
     if not prev or prev.get("key") != job.key or not marker.is_file():
         return False
     return folder_key(folder) in (None, job.key)  # no key file: exported before key files existed
@@ -232,6 +233,7 @@ def _export_into(txn: RepoTransaction, loaded: Loaded, runner: str, options: Exp
         from .trt_policy import POLICY_VERSION
 
         build["trt_policy"] = POLICY_VERSION
+        build["lora_mode"] = options.lora_mode  # runtime mode: every UNet served by the one runner model
     # 2. plan
     jobs = plan_jobs(loaded, build)
     old_models = old.get("models", {})

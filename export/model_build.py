@@ -197,7 +197,8 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     from .unet_runner import UNET_RUNNER, served_by_runner, write_changed, write_runner
 
     if job.network == UNET_RUNNER:  # no weights of its own: the config and the runner's model.py
-        return {**write_runner(staging / job.name, specs["unet"], engine.max_batch), "key": job.key}
+        return {**write_runner(staging / job.name, specs["unet"], engine.max_batch, runtime=options.runtime),
+                "key": job.key}
 
     weights = weights or ExportWeights()
     # 1. the graph: derived from W_init's, or traced
@@ -246,9 +247,12 @@ def build_model(job: ModelJob, nets: PipelineNets, baker: VariantBaker, engine: 
     record = {"network": job.network, "key": job.key, "export_seconds": round(seconds, 3), "export": how,
               "parity_max_abs_err": report["max_abs_err"], "parity_tolerance": tolerance}
     if job.network == "unet_lora" or (job.network == "unet" and served_by_runner(
-            {"runner": runner, "runtime": options.runtime})):  # weights only: read by the ``unet`` runner model
-        if job.network == "unet_lora" and options.runtime == "tensorrt":  # model.plan beside model.onnx
-            record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
+            {"runner": runner, "runtime": options.runtime, "lora_mode": options.lora_mode})):
+        # weights only: read by the ``unet`` runner model (TensorRT: its model.plan, beside model.onnx
+        # for the runtime network and W_init; a variant's ONNX goes once its engine is refitted)
+        if options.runtime == "tensorrt":
+            with phase("tensorrt"):
+                record.update(_tensorrt(job, onnx_path, spec, engine, options, target, base_engine))
         return record
     # 3. the TensorRT engine
     if options.runtime == "tensorrt":

@@ -13,6 +13,10 @@ weights (``1/model.onnx`` and the list of initializers the variant changed, ``1/
 they are no Triton models. Per sample the pipeline sends what selects the weights: the UNet's
 own inputs plus ``lora_content`` / ``lora_style`` (BYTES, "" = none) and ``gate_c`` / ``gate_s``
 (FP32, the step's gates). The native backends (``--runner native``) keep one model per variant.
+
+With ``--runtime tensorrt`` the runner serves runtime-LoRA repositories only (the runtime network
+needs its LoRA cache): a GPU instance, each folder holding its engine (``1/model.plan``; W_init and
+the runtime network keep their ONNX beside it). Baked TensorRT repositories keep a model per variant.
 """
 
 from __future__ import annotations
@@ -38,9 +42,14 @@ SELECTORS = (TensorSpec("lora_content", "BYTES", ("B",)), TensorSpec("lora_style
 
 
 def served_by_runner(build: Mapping[str, object]) -> bool:
-    """Whether an export with these build settings serves its UNets from the one ``unet`` model:
-    the Python runner over ONNX Runtime (TensorRT and the native backends keep a model per variant)."""
-    return build.get("runner") == "python" and build.get("runtime", "onnxruntime") == "onnxruntime"
+    """Whether an export with these build settings serves its UNets from the one ``unet`` model: the
+    Python runner over ONNX Runtime, or over TensorRT engines in runtime-LoRA mode (where the runtime
+    network needs the runner's LoRA cache). Baked TensorRT repositories and the native backends keep
+    a model per variant."""
+    if build.get("runner") != "python":
+        return False
+    runtime = build.get("runtime", "onnxruntime")
+    return runtime == "onnxruntime" or (runtime == "tensorrt" and build.get("lora_mode") == "runtime")
 
 
 def runner_key(build: Mapping[str, object]) -> str:
@@ -58,17 +67,22 @@ MERGE_AFTER = 2  # runtime mode: a variant's calls before the runner merges its 
 MERGED_VARIANTS = 4  # runtime mode: merged variants the runner holds at once (0: none)
 
 
-def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int = 0) -> dict:
-    """``target/config.pbtxt`` and ``target/1/model.py`` of the runner model; its manifest record."""
+def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int = 0,
+                 runtime: str = "onnxruntime") -> dict:
+    """``target/config.pbtxt`` and ``target/1/model.py`` of the runner model; its manifest record.
+
+    ``runtime="tensorrt"``: a GPU instance running the folders' ``model.plan`` engines; merging LoRAs
+    into W_init's graph (ONNX Runtime sessions) is off there."""
     from .repo_files import templates
     from .triton_config import config_pbtxt
 
     shutil.rmtree(target, ignore_errors=True)
     (target / "1").mkdir(parents=True)
+    gpu = runtime == "tensorrt"
     text = config_pbtxt(UNET_MODEL, runner_spec(unet), platform="python", max_batch_size=max_batch,
-                        instance_kind="KIND_CPU", dynamic_batching=True, max_queue_delay_us=0,
-                        parameters={"craft_runtime": "onnxruntime", "craft_network": UNET_RUNNER, "threads": threads,
-                                    "merge_after": MERGE_AFTER, "merged_variants": MERGED_VARIANTS})
+                        instance_kind="KIND_GPU" if gpu else "KIND_CPU", dynamic_batching=True, max_queue_delay_us=0,
+                        parameters={"craft_runtime": runtime, "craft_network": UNET_RUNNER, "threads": threads,
+                                    "merge_after": MERGE_AFTER, "merged_variants": 0 if gpu else MERGED_VARIANTS})
     (target / "config.pbtxt").write_text(text)
     shutil.copy(templates() / UNET_RUNNER / "model.py", target / "1" / "model.py")
     return {"network": UNET_RUNNER, "export": "runner"}

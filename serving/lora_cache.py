@@ -51,15 +51,16 @@ class LoraCache:
     ``loader(key) -> (kind, {module: (A, B)})`` reads one LoRA's unpadded factors (a factor file).
     """
 
-    def __init__(self, layout: RuntimeLayout, slots: int, loader: Loader):
+    def __init__(self, layout: RuntimeLayout, slots: int, loader: Loader, device: torch.device | str = "cpu"):
         if slots < 2:
             raise ValueError(f"slots: the LoRA cache needs at least 2 (slot 0 is 'no LoRA'), got {slots}")
         self.layout, self.slots, self.loader = layout, int(slots), loader
-        self.banks: dict[str, torch.Tensor] = {}
+        self.banks: dict[str, torch.Tensor] = {}  # on ``device``: a TensorRT engine reads them in place
         for i, m in enumerate(layout.modules):
             a_shape, b_shape = m.bank_shapes(layout.max_rank, self.slots)
             name_a, name_b = bank_names(i)
-            self.banks[name_a], self.banks[name_b] = torch.zeros(a_shape), torch.zeros(b_shape)
+            self.banks[name_a] = torch.zeros(a_shape, device=device)
+            self.banks[name_b] = torch.zeros(b_shape, device=device)
         self._modules = {kind: [(i, m) for i, m in enumerate(layout.modules) if m.kind == kind]
                          for kind in ("content", "style")}
         self._lru: dict[str, OrderedDict[LoraKey, int]] = {"content": OrderedDict(), "style": OrderedDict()}

@@ -49,9 +49,14 @@ def _stamp(root: Path) -> tuple[int, int]:
 
 
 class RuntimeUNet:
-    """See the module docstring. ``root``: the repository; ``cache_mb``: the LoRA cache budget."""
+    """See the module docstring. ``root``: the repository; ``cache_mb``: the LoRA cache budget.
 
-    def __init__(self, root: Path, *, cache_mb: float = DEFAULT_CACHE_MB, threads: int = 0):
+    A repository exported with ``--runtime tensorrt`` is run on its engine (``unet_lora/1/model.plan``)
+    on CUDA device ``device``, the cache's banks on that device (unverified without a GPU); any other
+    on ONNX Runtime with ``threads`` intra-op threads."""
+
+    def __init__(self, root: Path, *, cache_mb: float = DEFAULT_CACHE_MB, threads: int = 0,
+                 device: int | None = None):
         self.root = Path(root)
         self._lock = threading.Lock()
         self._stamp_seen: tuple[int, int] | None = None
@@ -62,8 +67,16 @@ class RuntimeUNet:
             raise ManifestError(f"{self.root / MANIFEST}: not a runtime-LoRA repository "
                                 f"(lora_mode {raw.get('lora_mode')!r}); export it with --lora-mode runtime")
         self.layout, _ = read_layout_files(inside(self.root, section["model"]))
-        self.session = OrtSession(inside(self.root, section["onnx"]), threads=threads)
-        self.cache = LoraCache(self.layout, slots_for_budget(self.layout, cache_mb), self._load)
+        onnx = inside(self.root, section["onnx"])
+        if raw.get("runtime") == "tensorrt":  # slots_for_budget stays in the engine's range (trt_policy)
+            from craft_export.trt_session import TrtSession  # GPU only
+
+            self.session = TrtSession(onnx.with_name("model.plan"), device=device)
+            bank_device = self.session.device
+        else:
+            self.session = OrtSession(onnx, threads=threads)
+            bank_device = torch.device("cpu")
+        self.cache = LoraCache(self.layout, slots_for_budget(self.layout, cache_mb), self._load, device=bank_device)
         self.refresh()
 
     # -- manifest ---------------------------------------------------------------------------------

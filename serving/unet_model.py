@@ -36,6 +36,13 @@ def _int_param(params: dict, name: str, default: int) -> int:
         raise ValueError(f"config.pbtxt parameter {name}: must be an integer, got {text!r}") from None
 
 
+def _device(args: dict[str, str], params: dict) -> int | None:
+    """The CUDA device of a TensorRT runner's instance (Triton's ``model_instance_device_id``), else None."""
+    if params.get("craft_runtime") != "tensorrt" or args.get("model_instance_kind") != "GPU":
+        return None
+    return int(args.get("model_instance_device_id") or 0)
+
+
 class UNetModel:
     """See the module docstring."""
 
@@ -49,7 +56,8 @@ class UNetModel:
         self.weights = UNetWeights(repo, threads=int(params.get("threads", "0") or 0),
                                    merge_after=_int_param(params, "merge_after", DEFAULT_MERGE_AFTER),
                                    merged_variants=_int_param(params, "merged_variants", DEFAULT_MERGED_VARIANTS),
-                                   report=lambda message: pb_utils.Logger.log_info(f"craft: {message}"))
+                                   report=lambda message: pb_utils.Logger.log_info(f"craft: {message}"),
+                                   device=_device(args, params))
         self.ranks = self.weights.input_ranks
 
     def _arrays(self, request) -> dict[str, np.ndarray]:

@@ -13,6 +13,11 @@ Triton glue; :mod:`craft_export.unet_runner` writes the model). It holds:
   and the variants it keeps being asked for merged into W_init's graph in memory
   (:class:`~.merged_unet.MergedVariants`: from a variant's second call on, baked speed).
 
+A repository exported with ``--runtime tensorrt --lora-mode runtime`` is served the same way from its
+engines (each folder's ``model.plan``, a :class:`~craft_export.trt_session.TrtSession` on CUDA device
+``device``; a TensorRT engine holds its own weights, so nothing is shared with W_init, and no variant
+is merged). That path is unverified without a GPU.
+
 Per call, rows are routed by :class:`~.runtime_denoise.RoutedDenoiser`: rows whose weights the
 repository bakes (or the runner merged) run on that session (rows sharing one session in one call),
 the others on the runtime network, which W_init's rows then join. The manifest is stat'ed on every call: a re-export
@@ -27,6 +32,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +49,8 @@ from .runtime_denoise import RoutedDenoiser
 from .runtime_unet import DEFAULT_CACHE_MB, RuntimeUNet
 
 log = logging.getLogger(__name__)
+
+Session = Any  # an OrtSession, or a TrtSession on a GPU: ``run_torch`` and ``input_ranks``
 
 __all__ = ["UNetWeights", "UNetWeightsError", "wire_variant", "split_selectors", "SELECTOR_NAMES", "shared_initializers"]
 
@@ -97,9 +105,11 @@ class UNetWeights:
 
     def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB,
                  merge_after: int = DEFAULT_MERGE_AFTER, merged_variants: int = DEFAULT_MERGED_VARIANTS,
-                 merge_background: bool = True, report: Callable[[str], None] | None = None):
+                 merge_background: bool = True, report: Callable[[str], None] | None = None,
+                 device: int | None = None):
         self.root = Path(root)
-        self.threads = threads
+        self.threads, self.device = threads, device
+        self.tensorrt = read_manifest(self.root).runtime == "tensorrt"  # fixed for a repository's life
         self.cache_mb = cache_mb
         self.merge_after, self.merged_variants, self.merge_background = merge_after, merged_variants, merge_background
         self.report = report
@@ -108,7 +118,7 @@ class UNetWeights:
         self._stamp: Stamp | None = None
         self.folders: dict[Variant, str] = {}  # baked weights -> folder
         self._retired: dict[Variant, str] = {}  # the previous manifest's, while requests may still name them
-        self.sessions: dict[str, tuple[str | None, OrtSession]] = {}  # folder -> (its craft-key, session)
+        self.sessions: dict[str, tuple[str | None, Session]] = {}  # folder -> (its craft-key, session)
         self._calls: dict[str, object] = {}  # folder -> its denoiser callable (one object: rows on it batch)
         self._base: tuple[str | None, dict] | None = None  # (W_init folder key, name -> OrtValue)
         self._arrays: dict[str, np.ndarray] = {}  # the memory behind the OrtValues
@@ -159,11 +169,12 @@ class UNetWeights:
         if folder is None:
             self.runtime, self._runtime_key, self.merged = None, None, None
         elif rebuild:
-            self.runtime = RuntimeUNet(self.root, cache_mb=self.cache_mb, threads=self.threads)
+            self.runtime = RuntimeUNet(self.root, cache_mb=self.cache_mb, threads=self.threads, device=self.device)
             self._runtime_key = key
             self.merged = MergedVariants(self.root / self.folders[BASE] / "1" / "model.onnx", self.runtime.layout,
                                          self._shared_arrays, self.runtime.factors_key, self.runtime.factors,
-                                         threads=self.threads, after=self.merge_after, capacity=self.merged_variants,
+                                         threads=self.threads, after=self.merge_after,
+                                         capacity=0 if self.tensorrt else self.merged_variants,
                                          background=self.merge_background, report=self.report)
         else:  # the same network: drop what a re-registered or removed LoRA merged
             self.runtime.refresh()
@@ -185,11 +196,18 @@ class UNetWeights:
         values = self._shared()
         return self._arrays, values
 
-    def session(self, folder: str) -> OrtSession:
-        """The session of a baked folder, opened on first use with W_init's weights shared."""
+    def session(self, folder: str) -> Session:
+        """The session of a baked folder, opened on first use with W_init's weights shared (ONNX Runtime)."""
         held = self.sessions.get(folder)
         if held is not None:
             return held[1]
+        if self.tensorrt:
+            from craft_export.trt_session import TrtSession  # GPU only
+
+            session = TrtSession(self.root / folder / "1" / "model.plan", device=self.device)
+            self.sessions[folder] = (folder_key(self.root / folder), session)
+            log.info("UNet weights: opened the engine of %s", folder)
+            return session
         path = self.root / folder / "1" / "model.onnx"
         changed_file = path.parent / CHANGED_FILE
         shared = self._shared()
@@ -232,4 +250,5 @@ class UNetWeights:
         """``noise_pred`` for UNet ``inputs`` of batch B, row b on the weights of ``variants[b]``."""
         with self._lock:
             self.refresh()
-            return self.denoiser.run(inputs, variants)
+            out = self.denoiser.run(inputs, variants)
+        return out.to(inputs["sample"].device)  # TensorRT answers on its GPU

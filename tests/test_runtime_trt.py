@@ -6,6 +6,8 @@ Building an engine needs both; that part skips cleanly here and is unverified un
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from craft_export.specs import BatchRange, ImageRange
@@ -112,3 +114,80 @@ def test_runtime_engine_builds_on_a_gpu(tmp_path):
     record = build_engine(job, onnx_path, spec, SimpleNamespace(precision="fp32"), onnx_path.parent,
                           image_range=ImageRange((64, 64), (64, 64), (128, 128)))
     assert record["trt_build"] == "build" and record["trt_rel_err_vs_onnx"] <= record["trt_tolerance"]
+
+
+def test_tensorrt_runtime_repositories_are_served_by_the_one_runner(tmp_path):
+    """--runtime tensorrt --lora-mode runtime: every UNet weight set from the ``unet`` runner model (the
+    runtime network needs its LoRA cache), a GPU instance with no merged variants; baked TensorRT
+    repositories and the native backends keep a model per variant."""
+    from craft_export.network_specs import network_specs
+    from craft_export.unet_runner import served_by_runner, write_runner
+    from craft_reference.tiny import TINY_CONFIGS
+
+    assert served_by_runner({"runner": "python", "runtime": "onnxruntime"})
+    assert served_by_runner({"runner": "python", "runtime": "tensorrt", "lora_mode": "runtime"})
+    assert not served_by_runner({"runner": "python", "runtime": "tensorrt", "lora_mode": "baked"})
+    assert not served_by_runner({"runner": "native", "runtime": "tensorrt", "lora_mode": "runtime"})
+    cfg = TINY_CONFIGS["sd15"]
+    configs = {"unet": cfg["unet"], "vae": cfg["vae"], "text_encoder": {**cfg["text_encoders"][0], "vocab_size": 1000}}
+    unet = network_specs("sd15", configs)["unet"]
+    for runtime, kind, merged in (("tensorrt", "KIND_GPU", "0"), ("onnxruntime", "KIND_CPU", "4")):
+        write_runner(tmp_path / runtime, unet, 8, runtime=runtime)
+        text = (tmp_path / runtime / "config.pbtxt").read_text()
+        params = dict(re.findall(r'key: "(\w+)"\s*value \{\s*string_value: "([^"]*)"', text))
+        assert f"kind: {kind}" in text, text
+        assert params["craft_runtime"] == runtime and params["merged_variants"] == merged, params
+
+
+def test_runner_device_follows_the_instance():
+    from craft_serving.unet_model import _device
+
+    gpu = {"model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    assert _device(gpu, {"craft_runtime": "tensorrt"}) == 1
+    assert _device(gpu, {"craft_runtime": "onnxruntime"}) is None
+    assert _device({"model_instance_kind": "CPU"}, {"craft_runtime": "tensorrt"}) is None
+
+
+def test_served_runtime_tensorrt_repository_on_a_gpu(demo_dir, ref_pipes, tmp_path):
+    """Needs tensorrt and a CUDA GPU (skips otherwise). A runtime-LoRA repository exported for TensorRT
+    (fp32 engines) and run by the ``unet`` runner's code (UNetWeights over the engines, the LoRA cache
+    on the GPU): a batch mixing LoRAs and gates equals the ONNX Runtime runner of the same recipe, and
+    the served pipeline's image equals the baked reference within 2/255."""
+    pytest.importorskip("tensorrt")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    import numpy as np
+
+    from craft_export.exporter import ExportOptions, export_repository
+    from craft_export.network_specs import network_specs
+    from craft_export.onnx_export import example_inputs
+    from craft_ops.aggregate import Variant
+    from craft_ops.request import GenerateRequest
+    from craft_serving.local_infer import LocalInfer
+    from craft_serving.runtime import PipelineRuntime
+    from craft_serving.unet_weights import UNetWeights
+
+    repos = {}
+    for runtime in ("tensorrt", "onnxruntime"):
+        repos[runtime] = tmp_path / runtime
+        export_repository(ExportOptions(recipe=demo_dir / "recipe-sd15.toml", out=repos[runtime], lora_mode="runtime",
+                                        max_rank=8, runtime=runtime, precision="fp32", runner="python",
+                                        pairs="dog+watercolor"))
+    trt_repo = repos["tensorrt"]
+    assert (trt_repo / "unet" / "config.pbtxt").is_file() and (trt_repo / "unet_lora" / "1" / "model.plan").is_file()
+    on_gpu, on_cpu = UNetWeights(trt_repo), UNetWeights(repos["onnxruntime"], merged_variants=0)
+    assert on_gpu.runtime.cache.banks["lora_A.0"].is_cuda
+    spec = network_specs("sd15", ref_pipes["sd15"].parts)["unet"]
+    feed = example_inputs(spec, hw=(64, 64), batch=5, seed=1)
+    variants = [Variant("dog", 0.6, "fire", 1.0), Variant(), Variant("bull", 1.0, None, 0.0),
+                Variant(None, 0.0, "fire", 0.3), Variant("dog", 1.0, "watercolor", 1.0)]  # the last: baked
+    got, want = on_gpu(feed, variants), on_cpu(feed, variants)
+    assert not got.is_cuda and got.shape == want.shape
+    scale = max(1.0, float(want.abs().max()))
+    assert float((got - want).abs().max()) <= 1e-3 * scale, float((got - want).abs().max())
+    request = GenerateRequest(prompts=("a bull <c> in fire style <s>",), content="bull", style="fire", seed=5,
+                              steps=4, gamma_s=0.7)
+    served, _ = PipelineRuntime.from_repository(trt_repo, LocalInfer(trt_repo)).generate(request)
+    reference = ref_pipes["sd15"].generate(request)
+    assert int(np.abs(served.astype(np.int16) - reference.astype(np.int16)).max()) <= 2
