@@ -17,7 +17,8 @@ through :class:`craft_serving.runtime.PipelineRuntime` - the served pipeline's c
 VAE, in this process (no tritonserver, no gRPC). Latency = ``generate`` wall time: tokenize + text
 encode + every step + VAE decode. One ONNX Runtime intra-op thread. The two ways alternate request
 by request (order swapped every repetition) so load drift hits both alike; one warm-up each.
-The runner's merged variants are off (``merged_variants=0``): this measures the runtime network.
+The runner's merged variants and fed weights are off (``merged_variants=0``, ``fed_variants=0``):
+this measures the runtime network.
 Every seed's images of the two ways are compared (max abs difference of uint8 pixels; parity: <= 1).
 
     .venv/bin/python benchmarks/acfg_calls_bench.py [--presets tiny,larger] [--ranks 4,16,64]
@@ -113,7 +114,7 @@ def main() -> int:
                                                 runner="python"))
                 export_s = round(time.perf_counter() - t0, 1)
                 print(f"[{preset} R={R}] exported in {export_s} s", flush=True)
-                local = LocalInfer(repo, threads=1, merged_variants=0)  # every cond row on the runtime network
+                local = LocalInfer(repo, threads=1, merged_variants=0, fed_variants=0)  # every cond row on the runtime network
                 pipes = {w: PipelineRuntime(local.view, local, unet_calls=mode) for w, mode in WAYS.items()}
 
                 def generate(way: str, seed: int):

@@ -11,12 +11,18 @@ zero-padded to R: the runtime network's cost depends on R, not on the LoRA's own
 (the ``unet`` model's own runner, in this process) four ways:
 
 * ``baked``: the baked repository;
-* ``runtime``: the runtime repository with merging off (``merged_variants=0``): every conditional
-  row on the runtime network, ACFG as one batch-2 call per step;
-* ``merged cold``: the runtime repository as served by default (``merge_after=2``, builds on a
-  worker thread), merged variants cleared before the request: each variant's calls run on the
-  runtime network until its merged session is ready (built on the other core meanwhile; the
-  bench waits for unfinished builds after the request, untimed, so they do not slow the next way);
+* ``runtime``: the runtime repository with merging and fed weights off (``merged_variants=0``,
+  ``fed_variants=0``): every conditional row on the runtime network, ACFG as one batch-2 call per step;
+* ``fed``: merging off, fed weights on (``merged_variants=0``): every conditional row on W_init's
+  graph with the variant's merged weights fed as inputs (``serving/fed_unet.py``), the unconditional
+  row on W_init's session; the held merged weights are dropped before each request (a new pair: its
+  LoRAs are merged during the request, into the dropped arrays' memory, as on a server whose fed
+  units are all taken);
+* ``merged cold``: the runtime repository as served by default (fed weights on, ``merge_after=2``,
+  builds on a worker thread once the runner is idle for 250 ms), merged variants and fed weights
+  cleared before the request: each variant's calls run on the fed session until its merged session
+  is ready (the bench waits for unfinished builds after the request, untimed, so they do not slow
+  the next way);
 * ``merged warm``: the same request once every variant of it is merged (run untimed until no new
   merge happens): what a repeated LoRA pair and gamma costs.
 
@@ -45,21 +51,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from _common import load_average, report_start, write_report  # noqa: E402
 
-WAYS = ("baked", "runtime", "merged cold", "merged warm")
+WAYS = ("baked", "runtime", "fed", "merged cold", "merged warm")
 
 
 def _markdown(report: dict) -> str:
-    md = ["# Per image: runtime-LoRA repository (merged variants on / off) vs baked repository", "",
+    md = ["# Per image: runtime-LoRA repository (runtime network, fed weights, merged variants) vs baked repository", "",
           f"Machine: {report['machine']}, {report['cpus']} cores; ONNX Runtime and torch, 1 thread each; in-process "
           f"serving pipeline ({report['path']}); preset {report['preset']}, runtime max rank {report['max_rank']}; "
           "ways alternating within each repetition. Median over seeds x repetitions; overhead against baked.", "",
-          "| steps | images | baked ms | runtime ms | merged cold ms | merged warm ms | runtime | merged cold "
-          "| merged warm | merges started / request | build s | max pixel diff vs baked | load (1 min) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| steps | images | baked ms | runtime ms | fed ms | merged cold ms | merged warm ms | runtime | fed "
+          "| merged cold | merged warm | merges started / request | build s | max pixel diff vs baked | load (1 min) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         ms = r["ms"]
-        md.append(f"| {r['steps']} | {r['images']} | {ms['baked']} | {ms['runtime']} | {ms['merged cold']} "
-                  f"| {ms['merged warm']} | {r['overhead']['runtime']:+.0%} | {r['overhead']['merged cold']:+.0%} "
+        md.append(f"| {r['steps']} | {r['images']} | {ms['baked']} | {ms['runtime']} | {ms['fed']} | {ms['merged cold']} "
+                  f"| {ms['merged warm']} | {r['overhead']['runtime']:+.0%} | {r['overhead']['fed']:+.0%} "
+                  f"| {r['overhead']['merged cold']:+.0%} "
                   f"| {r['overhead']['merged warm']:+.0%} | {r['builds_per_request']} | {r['build_s']} "
                   f"| {r['max_pixel_diff']} | {r['load'][0]} |")
     md += ["", f"Load average at the start {report['load_average_start']}, at the end {report.get('load_average_end')}."
@@ -107,7 +114,8 @@ def main() -> int:
             report["export_s"][mode] = round(time.perf_counter() - t0, 1)
             print(f"[{mode}] exported in {report['export_s'][mode]} s", flush=True)
         locals_ = {"baked": LocalInfer(repos["baked"], threads=1),
-                   "runtime": LocalInfer(repos["runtime"], threads=1, merged_variants=0),
+                   "runtime": LocalInfer(repos["runtime"], threads=1, merged_variants=0, fed_variants=0),
+                   "fed": LocalInfer(repos["runtime"], threads=1, merged_variants=0),
                    "merged": LocalInfer(repos["runtime"], threads=1)}
         pipes = {name: PipelineRuntime(local.view, local) for name, local in locals_.items()}
         runner = locals_["merged"].unet
@@ -117,6 +125,8 @@ def main() -> int:
                                       style=serve_bench.STYLE, seed=seed, steps=steps)
             if way == "merged cold":
                 runner.merged.clear()
+            if way in ("fed", "merged cold"):  # a new pair: its weights not merged yet
+                locals_[way.split()[0]].unet.merged.fed.clear()
             elif way == "merged warm":  # untimed runs until every variant of the request is merged
                 for _ in range(3):
                     before = runner.merged.built

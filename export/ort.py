@@ -17,10 +17,11 @@ __all__ = ["ort_session", "OrtSession"]
 CPU = ("CPUExecutionProvider",)
 
 
-def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
+def ort_session(path: Path | bytes, *, providers: Sequence[str] | None = None, threads: int | None = None,
                 initializers: Mapping[str, Any] | None = None, arena: bool = True,
-                external: Mapping[str, Any] | None = None):
-    """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it).
+                external: Mapping[str, Any] | None = None, folder: Path | None = None):
+    """An ``onnxruntime.InferenceSession`` over ``path`` (``model.onnx``, external data beside it; or a
+    serialized graph, its external data in ``folder``).
 
     ``threads``: intra-op threads (None or 0: ONNX Runtime's choice). ``providers``: default CPU.
     ``initializers``: name -> ``OrtValue`` used instead of the graph's own (``SessionOptions.add_initializer``:
@@ -53,7 +54,13 @@ def ort_session(path: Path, *, providers: Sequence[str] | None = None, threads: 
         options.add_initializer(name, value)
     if external:
         options.add_external_initializers(list(external), list(external.values()))
-    return ort.InferenceSession(str(path), options, providers=list(providers or CPU))
+    if isinstance(path, (bytes, bytearray)):  # a serialized graph: its external data paths are relative to ``folder``
+        model = bytes(path)
+        if folder is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    else:
+        model = str(path)
+    return ort.InferenceSession(model, options, providers=list(providers or CPU))
 
 
 class OrtSession:
@@ -62,11 +69,11 @@ class OrtSession:
     :class:`~craft_export.trt_session.TrtSession` has the same interface.
     """
 
-    def __init__(self, path: Path, *, threads: int = 0, providers: Sequence[str] | None = None,
+    def __init__(self, path: Path | bytes, *, threads: int = 0, providers: Sequence[str] | None = None,
                  initializers: Mapping[str, Any] | None = None, arena: bool = True,
-                 external: Mapping[str, Any] | None = None):
+                 external: Mapping[str, Any] | None = None, folder: Path | None = None):
         self.session = ort_session(path, providers=providers, threads=threads, initializers=initializers,
-                                   arena=arena, external=external)
+                                   arena=arena, external=external, folder=folder)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_ranks = {i.name: len(i.shape) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]

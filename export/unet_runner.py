@@ -35,7 +35,7 @@ __all__ = ["UNET_MODEL", "UNET_RUNNER", "SELECTORS", "CHANGED_FILE", "served_by_
 UNET_MODEL = "unet"  # the Triton model's name (manifest: networks.unet)
 UNET_RUNNER = "unet_runner"  # its job's network kind, and its template folder in model_repository/
 CHANGED_FILE = "changed.json"  # in a variant's version folder: the initializers it replaces in W_init's graph
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2  # raise when the runner's config changes (2: fed_variants, merge_idle_ms), so re-exports rewrite it
 #: per-sample weight selectors the pipeline sends beside the UNet inputs
 SELECTORS = (TensorSpec("lora_content", "BYTES", ("B",)), TensorSpec("lora_style", "BYTES", ("B",)),
              TensorSpec("gate_c", "FP32", ("B",)), TensorSpec("gate_s", "FP32", ("B",)))
@@ -65,6 +65,8 @@ def runner_spec(unet: NetworkSpec) -> NetworkSpec:
 
 MERGE_AFTER = 2  # runtime mode: a variant's calls before the runner merges its LoRAs into W_init's graph
 MERGED_VARIANTS = 4  # runtime mode: merged variants the runner holds at once (0: none)
+MERGE_IDLE_MS = 250  # runtime mode: a merge starts once the runner had no UNet call for this long (0: at once)
+FED_VARIANTS = 8  # runtime mode: LoRAs at a gate whose merged weights the runner's fed session keeps (0: no fed session)
 
 
 def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int = 0,
@@ -82,7 +84,8 @@ def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int =
     text = config_pbtxt(UNET_MODEL, runner_spec(unet), platform="python", max_batch_size=max_batch,
                         instance_kind="KIND_GPU" if gpu else "KIND_CPU", dynamic_batching=True, max_queue_delay_us=0,
                         parameters={"craft_runtime": runtime, "craft_network": UNET_RUNNER, "threads": threads,
-                                    "merge_after": MERGE_AFTER, "merged_variants": 0 if gpu else MERGED_VARIANTS})
+                                    "merge_after": MERGE_AFTER, "merged_variants": 0 if gpu else MERGED_VARIANTS,
+                                    "merge_idle_ms": MERGE_IDLE_MS, "fed_variants": 0 if gpu else FED_VARIANTS})
     (target / "config.pbtxt").write_text(text)
     shutil.copy(templates() / UNET_RUNNER / "model.py", target / "1" / "model.py")
     return {"network": UNET_RUNNER, "export": "runner"}

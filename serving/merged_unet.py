@@ -10,17 +10,23 @@ Runtime session of W_init's own graph in place of the file's values
 (``SessionOptions.add_external_initializers``, applied before graph optimization; every other
 weight is given as the runner's shared W_init value). Its calls then cost what a baked variant's calls cost.
 
-Policy: a variant is merged once ``after`` UNet calls had rows of it (default 2: a variant seen once,
-such as a step on a time-gate window edge, never costs a session); at most ``capacity`` merged
+Policy: a variant is merged once ``after`` UNet calls had rows of it (default 2: a variant seen
+once, such as a step on a time-gate window edge, never costs a session); at most ``capacity`` merged
 variants are held (least recently used closed first; 0 turns merging off). A build costs the merge
 (one matmul per routed module) plus opening a session (about 1.6 s on the larger benchmark preset,
 about 1 s on the tiny one). By default it runs on one worker thread (ONNX Runtime releases the GIL
-while it opens a session) and the variant's calls stay on the runtime network until it is ready,
-so a request never waits for a build; ``background=False`` builds inside the call that triggers it
-(which network a step runs on then depends only on the sequence of calls, not on timing). Either
-way the merged and the runtime network agree to fp32 rounding (the tests hold both to the baked
-variants at 1e-4). A merged variant holds its changed weights (fp32) and the session's own
-prepacked kernels.
+while it opens a session) and until it is ready the variant's calls run on the fed session
+(:mod:`.fed_unet`: W_init's graph with the routed weights as inputs, fed the variant's merged
+weights, which take milliseconds, not a session, to make), or with ``fed=0`` on the runtime network,
+so a request never waits for a build. A background build also waits until the runner has had no UNet
+call for ``idle_ms`` (default 250 ms; a request's steps come milliseconds apart): on a CPU server
+the build would take the cores the requests' steps use (measured on 2 cores: a first request at
++14-18 % over baked with builds beside it, +6-7 % on the fed session alone), so builds run between
+requests, and a server that is never idle keeps its variants on the fed session;
+``background=False`` builds inside the call that triggers it (which network a step runs on then
+depends only on the sequence of calls, not on timing). Either way the merged and the runtime network
+agree to fp32 rounding (the tests hold both to the baked variants at 1e-4). A merged variant holds
+its changed weights (fp32) and the session's own prepacked kernels.
 
 A LoRA whose factor file changed (re-registered) or was removed is dropped with the manifest that
 says so (:meth:`MergedVariants.keep_only`); a new W_init drops everything. A build that fails (say,
@@ -41,17 +47,21 @@ from pathlib import Path
 import numpy as np
 
 from craft_export.ort import OrtSession
-from craft_export.unet_runner import MERGE_AFTER, MERGED_VARIANTS
+from craft_export.unet_runner import MERGE_AFTER, MERGE_IDLE_MS, MERGED_VARIANTS
 from craft_ops.aggregate import Variant
 from craft_ops.runtime_lora import RuntimeLayout
 
+from .fed_unet import DEFAULT_FED_VARIANTS, FedWeights
+
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILD_TRIES", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "weight_name"]
+__all__ = ["BUILD_TRIES", "DEFAULT_IDLE_MS", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "merge_weights",
+           "weight_name"]
 
 DEFAULT_MERGE_AFTER = MERGE_AFTER  # calls of a variant before it is merged (the unet model's config parameter)
 DEFAULT_MERGED_VARIANTS = MERGED_VARIANTS  # merged sessions held at once (likewise)
 BUILD_TRIES = 3  # failed builds of one variant before it stays on the runtime network for good
+DEFAULT_IDLE_MS = MERGE_IDLE_MS  # a background build starts once the runner had no call for this long
 
 FactorKey = tuple[str | None, str | None]  # the variant's (content, style) factors keys
 FactorsKey = Callable[[str, str], str]  # (LoRA name, kind) -> its factors key; raises for a LoRA not served
@@ -61,6 +71,32 @@ Factors = Callable[[str, str], Mapping[str, tuple[object, object]]]  # (name, ki
 def weight_name(module: str) -> str:
     """The initializer of a UNet module's weight in an exported UNet graph (``UNetNet`` wraps the UNet)."""
     return f"inner.unet.{module}.weight"
+
+
+def merge_weights(layout: RuntimeLayout, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
+                  spare: Callable[[str], np.ndarray | None] = lambda name: None) -> dict[str, np.ndarray]:
+    """Eq. 8 per routed module: ``W_init + sum(gate * B A)`` by initializer name, in W_init's dtype
+    (fp32 math); ``terms``: module -> [(gate, A, B), ...]; ``w0``: W_init's weights by initializer
+    name; ``spare(name)``: a free fp32 array of that weight's shape to write into (or None: a new one;
+    reusing memory spares the page faults of a fresh array, which dominate a merge on some VMs)."""
+    by_name = {m.name: m for m in layout.modules}
+    changed: dict[str, np.ndarray] = {}
+    for module, gated in terms.items():
+        name = weight_name(module)
+        shape = by_name[module].shape
+        w = spare(name)
+        for i, (gate, A, B) in enumerate(gated):  # the gate scales the small A, not the product
+            scaled = np.float32(gate) * A
+            if i == 0 and w is not None:
+                np.matmul(B, scaled, out=w.reshape(B.shape[0], -1))
+            elif i == 0:
+                w = (B @ scaled).reshape(shape)
+            else:
+                w += (B @ scaled).reshape(shape)
+        base = w0[name]
+        w = base.astype(np.float32, copy=True) if w is None else np.add(w, base, out=w)
+        changed[name] = w.astype(base.dtype, copy=False)  # the graph's own dtype
+    return changed
 
 
 class _Merged:
@@ -83,8 +119,11 @@ class MergedVariants:
     by initializer name (the runner's, loaded once); ``factors_key(name, kind)``: a served LoRA's factors
     key (raises, naming the field, for one it does not serve); ``factors(name, kind)``: its unpadded
     factors ``{module: (A (r, fan_in), B (d_out, r))}``. ``background``: build on a worker thread
-    (the calls meanwhile run on the runtime network); False: inside the call that triggers it.
-    ``report(message)``: told when a merged variant starts serving (the Triton model's log).
+    (the calls meanwhile run on the fed session or the runtime network); False: inside the call that
+    triggers it. ``report(message)``: told when a merged variant starts serving (the Triton model's
+    log). ``fed``: LoRA-at-a-gate units whose merged weights the fed session keeps (:mod:`.fed_unet`;
+    0: no fed session, a variant runs on the runtime network until merged). ``idle_ms``: a background
+    build starts once the runner had no call (:meth:`touch`) for this long.
 
     Not thread-safe: one caller at a time (the runner's lock); the worker only computes.
     """
@@ -92,8 +131,10 @@ class MergedVariants:
     def __init__(self, base_onnx: Path, layout: RuntimeLayout, shared: Callable[[], tuple[Mapping, Mapping]],
                  factors_key: FactorsKey, factors: Factors, *, threads: int = 0, after: int = DEFAULT_MERGE_AFTER,
                  capacity: int = DEFAULT_MERGED_VARIANTS, background: bool = True,
-                 report: Callable[[str], None] | None = None):
-        for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0)):
+                 report: Callable[[str], None] | None = None, fed: int = DEFAULT_FED_VARIANTS,
+                 idle_ms: int = DEFAULT_IDLE_MS):
+        for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0),
+                                  ("merge_idle_ms", idle_ms, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{field}: must be an integer >= {low}, got {value!r}")
         self.base_onnx, self.layout, self.shared = Path(base_onnx), layout, shared
@@ -105,14 +146,48 @@ class MergedVariants:
         self.failures: dict[Variant, int] = {}  # failed builds per variant
         self.blocked: set[Variant] = set()  # never merged (weights embedded in the graph, or BUILD_TRIES failures)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="craft-merge") if background and capacity else None
+        self.fed = FedWeights(self.base_onnx, {weight_name(m.name) for m in layout.modules}, shared, threads=threads,
+                              capacity=fed) if fed else None
         self.built = 0  # sessions opened so far
+        self.idle_s = idle_ms / 1000
+        self._last_call = time.monotonic()  # the runner's last UNet call (:meth:`touch`)
+        self._closed = False
         self.build_seconds: list[float] = []
         self._embedded: list[str] | None = None  # W_init weights that cannot be merged into (logged once)
 
     def __call__(self, variant: Variant):
-        """The merged call for ``variant``, or None while it runs on the runtime network."""
-        if self.capacity == 0 or variant.is_base:
+        """The call for ``variant``: its merged session when held, else the fed session with its merged
+        weights (:mod:`.fed_unet`), else None (the runtime network)."""
+        if variant.is_base:
             return None
+        merged = self._session(variant) if self.capacity else None
+        if merged is None and self.fed is not None:
+            return self._fed_call(variant)
+        return merged
+
+    def _fed_call(self, variant: Variant):
+        key = self._keys(variant)
+        changed: dict[str, np.ndarray] = {}
+        for kind, name, gate, factors_key in (("content", variant.content, variant.gamma_c, key[0]),
+                                              ("style", variant.style, variant.gamma_s, key[1])):
+            if name is None:
+                continue
+            arrays = self.fed.unit((kind, name, factors_key, gate), lambda: self._merge_one(name, kind, gate))
+            if arrays is None:  # a weight embedded in the graph: it cannot be fed either
+                return None
+            changed.update(arrays)
+        return self.fed.call(changed)
+
+    def _merge_one(self, name: str, kind: str, gate: float) -> dict[str, np.ndarray] | None:
+        """``W_init + gate B A`` for the modules one LoRA touches, or None if one is embedded in the graph."""
+        terms = {m: [(gate, np.asarray(A, np.float32), np.asarray(B, np.float32))]
+                 for m, (A, B) in self.factors(name, kind).items()}
+        arrays, _ = self.shared()
+        w0 = self._w0({weight_name(m) for m in terms}, arrays)
+        return None if w0 is None else merge_weights(self.layout, terms, w0, spare=self.fed.spare)
+
+    def _session(self, variant: Variant):
+        """The merged session of ``variant`` if held; else None, its build scheduled by the policy."""
         self._collect()
         held = self.held.get(variant)
         if held is not None:
@@ -135,7 +210,7 @@ class MergedVariants:
             self.blocked.add(variant)
             return None
         if self._pool is not None:
-            self.pending[variant] = self._pool.submit(self._build, variant, *job)
+            self.pending[variant] = self._pool.submit(self._build_when_idle, variant, *job)
             return None
         try:
             merged = self._build(variant, *job)
@@ -157,9 +232,29 @@ class MergedVariants:
         self.calls.clear()
         self.failures.clear()
         self.blocked.clear()
+        if self.fed is not None:
+            self.fed.clear()
+
+    def touch(self) -> None:
+        """A runner call starts, none other running (background builds wait for a quiet moment; the fed
+        session may reuse what earlier calls dropped)."""
+        self._last_call = time.monotonic()
+        if self.fed is not None:
+            self.fed.release()
+
+    def _build_when_idle(self, variant: Variant, *job) -> "_Merged | None":
+        """On the worker: wait until the runner had no call for ``idle_s`` (a build takes the cores a
+        request's steps would use), then build; None if discarded meanwhile."""
+        while not self._closed:
+            quiet = time.monotonic() - self._last_call
+            if quiet >= self.idle_s:
+                return self._build(variant, *job)
+            time.sleep(min(self.idle_s - quiet, 0.05) + 0.001)
+        return None
 
     def discard(self) -> None:
         """Drop everything now (a new W_init or runtime network): builds in progress are not waited for."""
+        self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.held.clear()
@@ -177,6 +272,8 @@ class MergedVariants:
         self.calls = {v: c for v, c in self.calls.items() if served(v)}
         self.failures = {v: n for v, n in self.failures.items() if served(v)}
         self.blocked = {v for v in self.blocked if served(v)}
+        if self.fed is not None:
+            self.fed.keep(lambda unit: keys.get(unit[1]) == unit[2])
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +286,7 @@ class MergedVariants:
             exc = future.exception()
             if exc is not None:
                 self._failed(variant, exc)
-            else:
+            elif future.result() is not None:
                 self._hold(variant, future.result())
 
     def _failed(self, variant: Variant, exc: BaseException) -> None:
@@ -254,14 +351,7 @@ class MergedVariants:
         import onnxruntime as ort
 
         t0 = time.perf_counter()
-        by_name = {m.name: m for m in self.layout.modules}
-        changed: dict[str, np.ndarray] = {}
-        for module, gated in terms.items():
-            name = weight_name(module)
-            w = w0[name].astype(np.float32, copy=True)
-            for gate, A, B in gated:
-                w += np.float32(gate) * (B @ A).reshape(by_name[module].shape)
-            changed[name] = w
+        changed = merge_weights(self.layout, terms, w0)
         own = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in changed.items()}
         session = OrtSession(self.base_onnx, threads=self.threads, external=own,
                              initializers={n: v for n, v in values.items() if n not in changed})

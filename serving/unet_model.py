@@ -19,7 +19,8 @@ import torch
 
 
 from .batching import run_batched
-from .merged_unet import DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS
+from .fed_unet import DEFAULT_FED_VARIANTS
+from .merged_unet import DEFAULT_IDLE_MS, DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS
 from .runtime_unet import RuntimeLoraRequestError
 from .triton_model import from_wire
 from .unet_weights import SELECTOR_NAMES, UNetWeights, UNetWeightsError, split_selectors
@@ -56,6 +57,8 @@ class UNetModel:
         self.weights = UNetWeights(repo, threads=int(params.get("threads", "0") or 0),
                                    merge_after=_int_param(params, "merge_after", DEFAULT_MERGE_AFTER),
                                    merged_variants=_int_param(params, "merged_variants", DEFAULT_MERGED_VARIANTS),
+                                   fed_variants=_int_param(params, "fed_variants", DEFAULT_FED_VARIANTS),
+                                   merge_idle_ms=_int_param(params, "merge_idle_ms", DEFAULT_IDLE_MS),
                                    report=lambda message: pb_utils.Logger.log_info(f"craft: {message}"),
                                    device=_device(args, params))
         self.ranks = self.weights.input_ranks

@@ -11,7 +11,8 @@ Triton glue; :mod:`craft_export.unet_runner` writes the model). It holds:
   changes, not a whole UNet;
 * in runtime mode the runtime-LoRA network (:class:`~.runtime_unet.RuntimeUNet`, LoRA cache inside),
   and the variants it keeps being asked for merged into W_init's graph in memory
-  (:class:`~.merged_unet.MergedVariants`: from a variant's second call on, baked speed).
+  (:class:`~.merged_unet.MergedVariants`: from a variant's second call on, baked speed), and until
+  then its merged weights fed to one session of W_init's graph (:class:`~.fed_unet.FedWeights`).
 
 A repository exported with ``--runtime tensorrt --lora-mode runtime`` is served the same way from its
 engines (each folder's ``model.plan``, a :class:`~craft_export.trt_session.TrtSession` on CUDA device
@@ -44,7 +45,8 @@ from craft_ops.aggregate import BASE, Variant
 
 from .manifest import ManifestError, inside, read_manifest
 from .manifest_watch import Stamp, stamp_of
-from .merged_unet import DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS, MergedVariants
+from .fed_unet import DEFAULT_FED_VARIANTS
+from .merged_unet import DEFAULT_IDLE_MS, DEFAULT_MERGE_AFTER, DEFAULT_MERGED_VARIANTS, MergedVariants
 from .runtime_denoise import RoutedDenoiser
 from .runtime_unet import DEFAULT_CACHE_MB, RuntimeUNet
 
@@ -100,18 +102,20 @@ def shared_initializers(onnx_path: Path) -> dict[str, np.ndarray]:
 class UNetWeights:
     """See the module docstring. ``root``: the repository; ``threads``: ONNX Runtime intra-op threads;
     ``cache_mb``: the runtime LoRA cache budget; ``merge_after`` / ``merged_variants`` / ``merge_background`` /
-    ``report``: see
-    :class:`~.merged_unet.MergedVariants` (``merged_variants=0``: every LoRA row on the runtime network)."""
+    ``report`` / ``fed_variants`` / ``merge_idle_ms``: see :class:`~.merged_unet.MergedVariants` (``merged_variants=0`` and
+    ``fed_variants=0``: every LoRA row on the runtime network)."""
 
     def __init__(self, root: Path, *, threads: int = 0, cache_mb: float = DEFAULT_CACHE_MB,
                  merge_after: int = DEFAULT_MERGE_AFTER, merged_variants: int = DEFAULT_MERGED_VARIANTS,
                  merge_background: bool = True, report: Callable[[str], None] | None = None,
-                 device: int | None = None):
+                 device: int | None = None, fed_variants: int = DEFAULT_FED_VARIANTS,
+                 merge_idle_ms: int = DEFAULT_IDLE_MS):
         self.root = Path(root)
         self.threads, self.device = threads, device
         self.tensorrt = read_manifest(self.root).runtime == "tensorrt"  # fixed for a repository's life
         self.cache_mb = cache_mb
         self.merge_after, self.merged_variants, self.merge_background = merge_after, merged_variants, merge_background
+        self.fed_variants, self.merge_idle_ms = fed_variants, merge_idle_ms
         self.report = report
         self.merged: MergedVariants | None = None
         self._lock = threading.Lock()
@@ -175,7 +179,8 @@ class UNetWeights:
                                          self._shared_arrays, self.runtime.factors_key, self.runtime.factors,
                                          threads=self.threads, after=self.merge_after,
                                          capacity=0 if self.tensorrt else self.merged_variants,
-                                         background=self.merge_background, report=self.report)
+                                         background=self.merge_background, report=self.report,
+                                         fed=0 if self.tensorrt else self.fed_variants, idle_ms=self.merge_idle_ms)
         else:  # the same network: drop what a re-registered or removed LoRA merged
             self.runtime.refresh()
             self.merged.keep_only({n: entry[2] for n, entry in self.runtime.loras.items()})
@@ -250,5 +255,7 @@ class UNetWeights:
         """``noise_pred`` for UNet ``inputs`` of batch B, row b on the weights of ``variants[b]``."""
         with self._lock:
             self.refresh()
+            if self.merged is not None:
+                self.merged.touch()
             out = self.denoiser.run(inputs, variants)
         return out.to(inputs["sample"].device)  # TensorRT answers on its GPU

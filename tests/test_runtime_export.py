@@ -267,7 +267,7 @@ def test_merged_variants_equal_baked_and_follow_their_lora(runtime_repo, referen
     variants = [Variant("dog", 1.0, "watercolor", 0.7), Variant(), Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)]
     want = _baked(reference, variants)
     runner = UNetWeights(out, threads=1, merge_background=False)
-    first = runner(x, variants)  # every LoRA row on the runtime network
+    first = runner(x, variants)  # every LoRA row on the fed session (W_init's graph, merged weights fed)
     assert runner.merged.built == 0
     second = runner(x, variants)  # each LoRA variant merged, then run on its own session
     assert runner.merged.built == 3 and set(runner.merged.held) == {v for v in variants if not v.is_base}
@@ -278,6 +278,84 @@ def test_merged_variants_equal_baked_and_follow_their_lora(runtime_repo, referen
     keys = {n: entry[2] for n, entry in runner.runtime.loras.items()}
     runner.merged.keep_only({**keys, "dog": "re-registered"})
     assert set(runner.merged.held) == {Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)}
+
+
+def test_fed_weights_equal_baked_without_a_session_per_variant(runtime_repo, reference):
+    """With merging off, a LoRA variant runs on ONE session of W_init's graph whose routed weights are
+    inputs, fed the variant's merged weights (``FedWeights``): same outputs as the baked variants, the
+    runtime network never called, each LoRA at a gate merged once and held (LRU, by factors key), and
+    a content + style variant made of what its content-only and style-only variants merged."""
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = reference[3]
+    variants = [Variant("dog", 1.0, "watercolor", 0.7), Variant(), Variant("bull", 0.4), Variant(style="fire", gamma_s=0.8)]
+    want = _baked(reference, variants)
+    runner = UNetWeights(out, threads=1, merged_variants=0, fed_variants=3)
+    runtime_rows = []
+    inner = runner.denoiser.runtime
+    runner.denoiser.runtime = lambda inputs, vs: runtime_rows.append(len(vs)) or inner(inputs, vs)
+    fed = runner.merged.fed
+    got = runner(x, variants)
+    assert float((got - want).abs().max()) < TOL and runtime_rows == []
+    assert fed.merges == 4 and len(fed.units) == 3  # dog@1, watercolor@0.7, bull@0.4, fire@0.8; 3 held
+    assert fed.names and all(n.startswith("inner.unet.") and n.endswith(".weight") for n in fed.names)
+    assert torch.equal(runner({k: v[2:] for k, v in x.items()}, variants[2:]), got[2:])
+    assert fed.merges == 4  # held: not merged again
+    keys = {n: entry[2] for n, entry in runner.runtime.loras.items()}
+    row = {k: v[:1] for k, v in x.items()}
+    pair = [Variant("bull", 0.4, "fire", 0.8)]
+    assert float((runner(row, pair) - _baked(reference, pair, row)).abs().max()) < TOL
+    assert fed.merges == 4  # the pair = the bull unit + the fire unit, both held
+    runner.merged.keep_only({**keys, "fire": "re-registered"})  # what a re-registered LoRA merged is dropped
+    assert {u[1] for u in fed.units} == {"watercolor", "bull"}  # (dog went first: 3 held, LRU)
+    runner(row, pair)
+    assert fed.merges == 5  # fire merged again from its (current) factors
+    # one unit held: each merge of a call evicts the one before, whose arrays are written over only
+    # from the next call on (spare memory), never while this call's rows still read them
+    tight = UNetWeights(out, threads=1, merged_variants=0, fed_variants=1)
+    for _ in range(2):
+        assert float((tight(x, variants) - want).abs().max()) < TOL
+    assert tight.merged.fed.merges == 8
+    off = UNetWeights(out, threads=1, merged_variants=0, fed_variants=0)  # both off: the runtime network
+    assert off.merged.fed is None
+    assert float((off(x, variants) - want).abs().max()) < TOL
+
+
+def test_background_merges_wait_for_a_quiet_runner(runtime_repo, reference):
+    """A background build starts only once the runner had no call for ``merge_idle_ms``: while calls keep
+    coming (here < 2 s apart) nothing is built and the rows run on the fed session; then it builds."""
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = reference[3]
+    variants = [Variant("bull", 0.4)] * 4
+    runner = UNetWeights(out, threads=1, merge_after=1, merge_idle_ms=2000)
+    want = _baked(reference, variants)
+    t_end = time.monotonic() + 3.0
+    while time.monotonic() < t_end:
+        assert float((runner(x, variants) - want).abs().max()) < TOL
+    assert runner.merged.built == 0 and list(runner.merged.pending) == [Variant("bull", 0.4)]
+    runner.merged.wait()  # the runner is quiet now: the build runs
+    assert runner.merged.built == 1 and Variant("bull", 0.4) in runner.merged.held
+    with pytest.raises(ValueError, match=r"merge_idle_ms: must be an integer >= 0, got -1"):
+        UNetWeights(out, threads=1, merge_idle_ms=-1)
+
+
+def test_fed_graph_turns_initializers_into_inputs(runtime_repo):
+    import onnx
+
+    from craft_export.runtime_export import read_layout_files
+    from craft_serving.fed_unet import fed_graph
+    from craft_serving.merged_unet import weight_name
+
+    out, _ = runtime_repo
+    base = out / "unet_base" / "1" / "model.onnx"
+    name = weight_name(read_layout_files(out / "unet_lora")[0].modules[0].name)
+    graph = onnx.load_from_string(fed_graph(base, {name})).graph
+    assert name in {i.name for i in graph.input} and name not in {t.name for t in graph.initializer}
+    with pytest.raises(ValueError, match="no initializer named 'nope'"):
+        fed_graph(base, {"nope"})
 
 
 def test_a_failed_merge_is_retried_then_given_up(runtime_repo, reference, monkeypatch):
@@ -305,7 +383,7 @@ def test_a_failed_merge_is_retried_then_given_up(runtime_repo, reference, monkey
     rows = [v] * int(x["sample"].shape[0])
     want = _baked(reference, rows)
     runner = UNetWeights(out, threads=1, merge_after=1, merge_background=False)
-    assert float((runner(x, rows) - want).abs().max()) < TOL  # the build failed; the runtime network answered
+    assert float((runner(x, rows) - want).abs().max()) < TOL  # the build failed; the fed session answered
     assert runner.merged.failures == {v: 1} and not runner.merged.held and len(attempts) == 1
     for _ in range(7):  # retried on the 8th call from the failure (merge_after * 8)
         runner(x, rows)

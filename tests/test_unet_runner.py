@@ -170,7 +170,8 @@ def test_acfg_one_call_equals_two_calls(runtime_served):
     from craft_serving.runtime import PipelineRuntime
 
     repo, _, _ = runtime_served
-    local = LocalInfer(repo, threads=1, merged_variants=0)  # the runtime network's own one or two calls
+    # merged and fed sessions off: the runtime network's own one or two calls
+    local = LocalInfer(repo, threads=1, merged_variants=0, fed_variants=0)
     kw = CASES["runtime_pair"]
     request = GenerateRequest(prompts=(kw["prompt"],), content=kw["content"], style=kw["style"], seed=7, steps=STEPS)
     images, rows = {}, {}

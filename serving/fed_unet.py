@@ -1,0 +1,149 @@
+"""W_init's graph with the routed weights as inputs: a new variant at near-baked speed, nothing to build.
+
+A variant the runner has not merged (:mod:`.merged_unet`) would run on the runtime-LoRA network,
+whose ``B (A x)`` branches cost, at rank 64 on a narrow UNet, a large share of the UNet's work. Its
+merged weights (``W = W_init + gamma_c dW^c + gamma_s dW^s``, Eq. 8, one matmul per routed module),
+though, take milliseconds to compute; what takes seconds is opening an ONNX Runtime session on
+them. :class:`FedWeights` opens ONE session, once, of W_init's graph in which every routed weight
+(the runtime layout's modules) is a graph input instead of an initializer, and feeds each call the
+weights of its variant: W_init's own arrays for the modules the variant leaves alone, its merged
+arrays for the others. Every other weight is the runner's shared W_init value.
+
+The price against a baked session: ONNX Runtime cannot pre-pack fed weights (a linear weight's
+transpose and packing, a conv's blocked layout happen per call), about +10 % per UNet call on the
+larger benchmark preset. Only the conditional row pays it: the unconditional row of an ACFG step runs
+on W_init's own session (a batch of rows on different weight sets is one call per set).
+
+Held: the merged arrays of at most ``capacity`` LoRA-at-a-gate units (:class:`FedWeights`; least
+recently used dropped first; fp32, the size of the weights the LoRA touches). The arrays of the last
+two units dropped are kept as spare memory that later merges write into: on the VM the benchmarks
+ran on, first-touch page faults of fresh arrays cost ~1 ms per MiB, most of a merge's time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from craft_export.ort import OrtSession
+from craft_export.unet_runner import FED_VARIANTS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_FED_VARIANTS", "FedWeights", "Unit", "fed_graph"]
+
+Unit = tuple[str, str, str, float]  # (kind, LoRA name, its factors key, gate)
+
+DEFAULT_FED_VARIANTS = FED_VARIANTS  # LoRA-at-a-gate units the fed session keeps merged (the unet model's parameter)
+
+
+def fed_graph(base_onnx: Path, names: set[str]) -> bytes:
+    """``base_onnx``'s graph (its external data not read) with the initializers ``names`` turned into inputs."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(base_onnx), load_external_data=False)
+    moved = [t for t in model.graph.initializer if t.name in names]
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    missing = names - {t.name for t in moved}
+    if missing:
+        raise ValueError(f"{base_onnx}: no initializer named {sorted(missing)[0]!r}")
+    for t in moved:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model.SerializeToString()
+
+
+class FedWeights:
+    """See the module docstring. ``base_onnx``: W_init's ``model.onnx``; ``names``: the routed weights'
+    initializers (those kept in W_init's external data files become inputs; a variant touching another
+    is never fed); ``shared()``: the runner's W_init weights as ``(arrays, OrtValues)`` by name.
+
+    Merged weights are held per LoRA at a gate (a *unit*: ``(kind, name, factors key, gate)`` ->
+    ``{initializer: W_init + gate B A}`` for the modules the LoRA touches): a content LoRA's modules
+    and a style LoRA's are disjoint (the runtime layout gives each module one kind), so a variant's
+    weights are the union of its units, and the content + style variant of a request reuses what its
+    content-only and style-only steps merged. At most ``capacity`` units are held (LRU).
+    """
+
+    def __init__(self, base_onnx: Path, names: set[str], shared: Callable[[], tuple[Mapping, Mapping]], *,
+                 threads: int = 0, capacity: int = DEFAULT_FED_VARIANTS):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"fed_variants: must be an integer >= 0, got {capacity!r}")
+        self.base_onnx, self.routed, self.shared = Path(base_onnx), frozenset(names), shared
+        self.threads, self.capacity = threads, capacity
+        self.names: frozenset[str] = frozenset()  # the graph's weight inputs, once opened
+        self.session: OrtSession | None = None
+        self.units: OrderedDict[Unit, dict[str, np.ndarray]] = OrderedDict()
+        self.merges = 0  # units merged so far
+        self._spare: deque[dict[str, np.ndarray]] = deque(maxlen=2)  # arrays of the last units dropped
+        self._dropped: list[dict[str, np.ndarray]] = []  # dropped during the current call: maybe in use
+
+    def _open(self) -> OrtSession:
+        if self.session is None:
+            arrays, values = self.shared()
+            self.names = self.routed & set(arrays)
+            given = {n: v for n, v in values.items() if n not in self.names}
+            self.session = OrtSession(fed_graph(self.base_onnx, set(self.names)), threads=self.threads,
+                                      initializers=given, folder=self.base_onnx.parent)
+            log.info("fed weights: W_init's graph opened with %d routed weights as inputs", len(self.names))
+        return self.session
+
+    def unit(self, unit: Unit, merge: Callable[[], dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
+        """The merged weights of ``unit``, held, or made by ``merge()`` (None: the LoRA cannot be fed)."""
+        held = self.units.get(unit)
+        if held is not None:
+            self.units.move_to_end(unit)
+            return held
+        arrays = merge()
+        if arrays is None:
+            return None
+        self.merges += 1
+        if self.capacity:
+            self.units[unit] = arrays
+            while len(self.units) > self.capacity:
+                self._drop(next(iter(self.units)))
+        return arrays
+
+    def keep(self, ok: Callable[[Unit], bool]) -> None:
+        """Drop the held units for which ``ok(unit)`` is false."""
+        for unit in [u for u in self.units if not ok(u)]:
+            self._drop(unit)
+
+    def clear(self) -> None:
+        for unit in list(self.units):
+            self._drop(unit)
+
+    def _drop(self, unit: Unit) -> None:
+        """Forget a unit; its arrays become spare memory once the current call is over (:meth:`release`):
+        a callable made earlier in this call may still feed them."""
+        self._dropped.append(self.units.pop(unit))
+
+    def release(self) -> None:
+        """A new runner call starts (none before it is running: the runner's lock): what earlier calls
+        dropped may be written over."""
+        self._spare.extend(self._dropped)
+        self._dropped.clear()
+
+    def spare(self, name: str) -> np.ndarray | None:
+        """A dropped unit's fp32 array for weight ``name`` (same module, so same shape), or None."""
+        for arrays in self._spare:
+            array = arrays.get(name)
+            if array is not None and array.dtype == np.float32:
+                return arrays.pop(name)
+        return None
+
+    def call(self, changed: Mapping[str, np.ndarray]):
+        """The denoiser callable of a variant whose merged weights are ``changed`` (the rest: W_init's),
+        or None if it changes a weight that is not an input."""
+        session = self._open()
+        if not self.names.issuperset(changed):
+            return None
+        arrays, _ = self.shared()
+        feeds = {n: changed[n] if n in changed else arrays[n] for n in self.names}
+        return lambda inputs: session.run_torch({**inputs, **feeds})["noise_pred"]
