@@ -10,8 +10,8 @@ weights of its variant: W_init's own arrays for the modules the variant leaves a
 arrays for the others. Every other weight is the runner's shared W_init value.
 
 The price against a baked session: ONNX Runtime cannot pre-pack fed weights (a linear weight's
-transpose and packing, a conv's blocked layout happen per call), about +10 % per UNet call on the
-larger benchmark preset. Only the conditional row pays it: the unconditional row of an ACFG step runs
+transpose and packing, a conv's blocked layout happen per call): +4 % per batch-1 UNet call on the
+larger benchmark preset on an idle machine, +9-10 % at batch 1-2 beside another busy core. Only the conditional row pays it: the unconditional row of an ACFG step runs
 on W_init's own session (a batch of rows on different weight sets is one call per set).
 
 Held: the merged arrays of at most ``capacity`` LoRA-at-a-gate units (:class:`FedWeights`; least
