@@ -14,9 +14,10 @@ they are no Triton models. Per sample the pipeline sends what selects the weight
 own inputs plus ``lora_content`` / ``lora_style`` (BYTES, "" = none) and ``gate_c`` / ``gate_s``
 (FP32, the step's gates). The native backends (``--runner native``) keep one model per variant.
 
-With ``--runtime tensorrt`` the runner serves runtime-LoRA repositories only (the runtime network
-needs its LoRA cache): a GPU instance, each folder holding its engine (``1/model.plan``; W_init and
-the runtime network keep their ONNX beside it). Baked TensorRT repositories keep a model per variant.
+With ``--runtime tensorrt`` the runner is a GPU instance and each folder holds its engine
+(``1/model.plan``; W_init and the runtime network keep their ONNX beside it): one CUDA context for
+every UNet weight set instead of one per variant model. A TensorRT engine holds all its weights, so
+GPU memory still grows with the baked variants; the runtime network is what keeps it flat.
 """
 
 from __future__ import annotations
@@ -43,13 +44,9 @@ SELECTORS = (TensorSpec("lora_content", "BYTES", ("B",)), TensorSpec("lora_style
 
 def served_by_runner(build: Mapping[str, object]) -> bool:
     """Whether an export with these build settings serves its UNets from the one ``unet`` model: the
-    Python runner over ONNX Runtime, or over TensorRT engines in runtime-LoRA mode (where the runtime
-    network needs the runner's LoRA cache). Baked TensorRT repositories and the native backends keep
-    a model per variant."""
-    if build.get("runner") != "python":
-        return False
-    runtime = build.get("runtime", "onnxruntime")
-    return runtime == "onnxruntime" or (runtime == "tensorrt" and build.get("lora_mode") == "runtime")
+    Python runner, over ONNX Runtime sessions or TensorRT engines. The native backends keep a model
+    per variant (they run inside Triton's own process: no stub, no CUDA context of their own)."""
+    return build.get("runner") == "python"
 
 
 def runner_key(build: Mapping[str, object]) -> str:
@@ -66,7 +63,7 @@ def runner_spec(unet: NetworkSpec) -> NetworkSpec:
 MERGE_AFTER = 2  # runtime mode: a variant's calls before the runner merges its LoRAs into W_init's graph
 MERGED_VARIANTS = 4  # runtime mode: merged variants the runner holds at once (0: none)
 MERGE_IDLE_MS = 250  # runtime mode: a merge starts once the runner had no UNet call for this long (0: at once)
-FED_VARIANTS = 8  # runtime mode: LoRAs at a gate whose merged weights the runner's fed session keeps (0: no fed session)
+FED_VARIANTS = 8  # runtime mode: LoRAs at a gate the runner's fed session keeps merged (0: no fed session)
 
 
 def write_runner(target: Path, unet: NetworkSpec, max_batch: int, threads: int = 0,

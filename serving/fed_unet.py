@@ -11,8 +11,9 @@ arrays for the others. Every other weight is the runner's shared W_init value.
 
 The price against a baked session: ONNX Runtime cannot pre-pack fed weights (a linear weight's
 transpose and packing, a conv's blocked layout happen per call): +4 % per batch-1 UNet call on the
-larger benchmark preset on an idle machine, +9-10 % at batch 1-2 beside another busy core. Only the conditional row pays it: the unconditional row of an ACFG step runs
-on W_init's own session (a batch of rows on different weight sets is one call per set).
+larger benchmark preset on an idle machine, +9-10 % at batch 1-2 beside another busy core. Only the
+conditional row pays it: the unconditional row of an ACFG step runs on W_init's own session (a batch
+of rows on different weight sets is one call per set).
 
 Held: the merged arrays of at most ``capacity`` LoRA-at-a-gate units (:class:`FedWeights`; least
 recently used dropped first; fp32, the size of the weights the LoRA touches). The arrays of the last

@@ -55,8 +55,8 @@ from .fed_unet import DEFAULT_FED_VARIANTS, FedWeights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILD_TRIES", "DEFAULT_IDLE_MS", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants", "merge_weights",
-           "weight_name"]
+__all__ = ["BUILD_TRIES", "DEFAULT_IDLE_MS", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants",
+           "merge_weights", "weight_name"]
 
 DEFAULT_MERGE_AFTER = MERGE_AFTER  # calls of a variant before it is merged (the unet model's config parameter)
 DEFAULT_MERGED_VARIANTS = MERGED_VARIANTS  # merged sessions held at once (likewise)

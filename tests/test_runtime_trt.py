@@ -116,17 +116,17 @@ def test_runtime_engine_builds_on_a_gpu(tmp_path):
     assert record["trt_build"] == "build" and record["trt_rel_err_vs_onnx"] <= record["trt_tolerance"]
 
 
-def test_tensorrt_runtime_repositories_are_served_by_the_one_runner(tmp_path):
-    """--runtime tensorrt --lora-mode runtime: every UNet weight set from the ``unet`` runner model (the
-    runtime network needs its LoRA cache), a GPU instance with no merged variants; baked TensorRT
-    repositories and the native backends keep a model per variant."""
+def test_tensorrt_repositories_are_served_by_the_one_runner(tmp_path):
+    """--runtime tensorrt with the Python runner: every UNet weight set from the ``unet`` runner model (one
+    stub, one CUDA context), a GPU instance with no merged or fed sessions; the native backends keep a
+    model per variant."""
     from craft_export.network_specs import network_specs
     from craft_export.unet_runner import served_by_runner, write_runner
     from craft_reference.tiny import TINY_CONFIGS
 
     assert served_by_runner({"runner": "python", "runtime": "onnxruntime"})
     assert served_by_runner({"runner": "python", "runtime": "tensorrt", "lora_mode": "runtime"})
-    assert not served_by_runner({"runner": "python", "runtime": "tensorrt", "lora_mode": "baked"})
+    assert served_by_runner({"runner": "python", "runtime": "tensorrt", "lora_mode": "baked"})
     assert not served_by_runner({"runner": "native", "runtime": "tensorrt", "lora_mode": "runtime"})
     cfg = TINY_CONFIGS["sd15"]
     configs = {"unet": cfg["unet"], "vae": cfg["vae"], "text_encoder": {**cfg["text_encoders"][0], "vocab_size": 1000}}
@@ -137,6 +137,7 @@ def test_tensorrt_runtime_repositories_are_served_by_the_one_runner(tmp_path):
         params = dict(re.findall(r'key: "(\w+)"\s*value \{\s*string_value: "([^"]*)"', text))
         assert f"kind: {kind}" in text, text
         assert params["craft_runtime"] == runtime and params["merged_variants"] == merged, params
+        assert params["fed_variants"] == ("0" if runtime == "tensorrt" else "8"), params
 
 
 def test_runner_device_follows_the_instance():
