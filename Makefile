@@ -14,9 +14,11 @@ CHECKOV_SPEC := checkov>=3.3,<3.4
 
 # The pinned TensorRT (deploy/base-image.toml) with its real libraries, for check-tensorrt.
 TRT_VENV    := .venv-tensorrt
+# GPU machines: CUDA torch (PyPI's default Linux wheel), TensorRT and onnxruntime-gpu (the `gpu` extra).
+GPU_VENV    := .venv-gpu
 TRT_VERSION  = $(shell $(PYTHON) -c "import tomllib; t = tomllib.load(open('deploy/base-image.toml', 'rb')); print(t['releases'][t['image']]['tensorrt'])")
 
-.PHONY: venv demo demo-local test test-extended test-gpu bench clean check-tensorrt
+.PHONY: venv demo demo-local test test-extended test-gpu clean check-tensorrt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +55,17 @@ test: $(STAMP) $(CHECKOV)
 
 test-extended: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m extended $(PYTEST_ARGS)
+
+# GPU machines only (never run yet: no GPU has been available to this project): the GPU-marked
+# tests (tests/test_gpu.py, tests/test_runtime_trt.py, ...) in their own venv; they fail instead
+# of skipping when no CUDA device is visible. The bundled tritonserver comes without the `serve`
+# extra, whose CPU onnxruntime would break onnxruntime-gpu.
+test-gpu:
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q torch==2.13.0
+	$(GPU_VENV)/bin/pip install -q -e '.[gpu,dev]' nvidia-pytriton
+	CRAFT_REQUIRE_GPU=1 CRAFT_REQUIRE_TRITON=1 $(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider -m gpu $(PYTEST_ARGS)
 
 # Run before changing TensorRT code: tests/test_tensorrt_api.py against the pinned TensorRT with
 # its real libraries (~1-2 GB from NVIDIA's index, which `make test`'s machines cannot reach;

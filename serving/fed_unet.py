@@ -35,11 +35,17 @@ from craft_export.unet_runner import FED_VARIANTS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_FED_VARIANTS", "FedWeights", "Unit", "fed_graph"]
+__all__ = ["DEFAULT_FED_VARIANTS", "FedWeights", "Unit", "check_count", "fed_graph"]
 
 Unit = tuple[str, str, str, float]  # (kind, LoRA name, its factors key, gate)
 
 DEFAULT_FED_VARIANTS = FED_VARIANTS  # LoRA-at-a-gate units the fed session keeps merged (the unet model's parameter)
+
+
+def check_count(field: str, value, low: int = 0) -> None:
+    """A config count (``merge_after``, ``fed_variants``, ...): an int >= ``low``, else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field}: must be an integer >= {low}, got {value!r}")
 
 
 def fed_graph(base_onnx: Path, names: set[str]) -> bytes:
@@ -74,8 +80,7 @@ class FedWeights:
 
     def __init__(self, base_onnx: Path, names: set[str], shared: Callable[[], tuple[Mapping, Mapping]], *,
                  threads: int = 0, capacity: int = DEFAULT_FED_VARIANTS):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"fed_variants: must be an integer >= 0, got {capacity!r}")
+        check_count("fed_variants", capacity)
         self.base_onnx, self.routed, self.shared = Path(base_onnx), frozenset(names), shared
         self.threads, self.capacity = threads, capacity
         self.names: frozenset[str] = frozenset()  # the graph's weight inputs, once opened

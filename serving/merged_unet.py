@@ -51,7 +51,7 @@ from craft_export.unet_runner import MERGE_AFTER, MERGE_IDLE_MS, MERGED_VARIANTS
 from craft_ops.aggregate import Variant
 from craft_ops.runtime_lora import RuntimeLayout
 
-from .fed_unet import DEFAULT_FED_VARIANTS, FedWeights
+from .fed_unet import DEFAULT_FED_VARIANTS, FedWeights, check_count
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ class MergedVariants:
                  idle_ms: int = DEFAULT_IDLE_MS):
         for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0),
                                   ("merge_idle_ms", idle_ms, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{field}: must be an integer >= {low}, got {value!r}")
+            check_count(field, value, low)
         self.base_onnx, self.layout, self.shared = Path(base_onnx), layout, shared
         self.factors_key, self.factors = factors_key, factors
         self.threads, self.after, self.capacity, self.report = threads, after, capacity, report
@@ -180,11 +179,8 @@ class MergedVariants:
 
     def _merge_one(self, name: str, kind: str, gate: float) -> dict[str, np.ndarray] | None:
         """``W_init + gate B A`` for the modules one LoRA touches, or None if one is embedded in the graph."""
-        terms = {m: [(gate, np.asarray(A, np.float32), np.asarray(B, np.float32))]
-                 for m, (A, B) in self.factors(name, kind).items()}
-        arrays, _ = self.shared()
-        w0 = self._w0({weight_name(m) for m in terms}, arrays)
-        return None if w0 is None else merge_weights(self.layout, terms, w0, spare=self.fed.spare)
+        gated = self._gated(((kind, name, gate),))
+        return None if gated is None else merge_weights(self.layout, *gated, spare=self.fed.spare)
 
     def _session(self, variant: Variant):
         """The merged session of ``variant`` if held; else None, its build scheduled by the policy."""
@@ -330,20 +326,25 @@ class MergedVariants:
             return None
         return {n: arrays[n] for n in names}
 
-    def _prepare(self, variant: Variant):
-        """On the caller's thread: the variant's factors keys, gated factors and W_init values, or None."""
-        key = self._keys(variant)
+    def _gated(self, loras) -> tuple[dict[str, list], dict[str, np.ndarray]] | None:
+        """Eq. 8's terms for ``loras`` (``(kind, name, gate)``; a None name is skipped): module ->
+        ``[(gate, A, B), ...]``, with W_init's values of the weights they touch; None if one is embedded in
+        the graph."""
         terms: dict[str, list] = {}
-        for kind, name, gate in (("content", variant.content, variant.gamma_c), ("style", variant.style, variant.gamma_s)):
+        for kind, name, gate in loras:
             if name is None:
                 continue
             for module, (A, B) in self.factors(name, kind).items():
                 terms.setdefault(module, []).append((gate, np.asarray(A, np.float32), np.asarray(B, np.float32)))
-        arrays, values = self.shared()
+        arrays, _ = self.shared()
         w0 = self._w0({weight_name(m) for m in terms}, arrays)
-        if w0 is None:
-            return None
-        return key, terms, w0, values
+        return None if w0 is None else (terms, w0)
+
+    def _prepare(self, variant: Variant):
+        """On the caller's thread: the variant's factors keys, gated factors and W_init values, or None."""
+        key = self._keys(variant)
+        gated = self._gated((("content", variant.content, variant.gamma_c), ("style", variant.style, variant.gamma_s)))
+        return None if gated is None else (key, *gated, self.shared()[1])
 
     def _build(self, variant: Variant, key: FactorKey, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
                values: Mapping) -> _Merged:

@@ -112,7 +112,7 @@ class UNetWeights:
                  merge_idle_ms: int = DEFAULT_IDLE_MS):
         self.root = Path(root)
         self.threads, self.device = threads, device
-        self.tensorrt = read_manifest(self.root).runtime == "tensorrt"  # fixed for a repository's life
+        self.tensorrt = False  # the first manifest's runtime, fixed for the runner's life (:meth:`refresh`)
         self.cache_mb = cache_mb
         self.merge_after, self.merged_variants, self.merge_background = merge_after, merged_variants, merge_background
         self.fed_variants, self.merge_idle_ms = fed_variants, merge_idle_ms
@@ -149,6 +149,8 @@ class UNetWeights:
             log.warning("craft: manifest rejected, the unet model keeps the last good one: %s", exc)
             self._stamp = stamp  # not re-read on every call; a replaced file is
             return
+        if self._stamp is None:
+            self.tensorrt = view.runtime == "tensorrt"
         keys = {f: folder_key(self.root / f) for f in set(folders.values())}
         self._retired = {v: f for v, f in self.folders.items() if f not in keys}
         live = set(keys) | set(self._retired.values())

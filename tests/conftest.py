@@ -25,6 +25,8 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _has_gpu():
         return
+    if os.environ.get("CRAFT_REQUIRE_GPU") == "1":  # `make test-gpu`: a skipped GPU test would pass unseen
+        raise pytest.UsageError("CRAFT_REQUIRE_GPU=1 but torch sees no CUDA device")
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
         if "gpu" in item.keywords:
