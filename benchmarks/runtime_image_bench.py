@@ -29,6 +29,12 @@ zero-padded to R: the runtime network's cost depends on R, not on the LoRA's own
 Latency = ``generate`` wall time (tokenize + text encode + every step + VAE decode), one ONNX Runtime
 and one torch thread, the ways alternating within each repetition (order rotated) so load drift hits
 all alike, one warm-up each; the images of every way are compared with the baked one (uint8, <= 1).
+Also recorded per image: the process's CPU time over the same span (``time.process_time``: all its
+threads, so a merge worker that runs during the request counts; time the hypervisor stole from the
+VM does not), and per row the paired overhead: the median over repetitions of each image's time
+against the baked image of the same repetition (one apart at most in the rotated order), which
+cancels most of a VM's drift between repetitions. The CPU time of the machine's steal counter
+(``/proc/stat``) during the row is reported beside.
 
     .venv/bin/python benchmarks/runtime_image_bench.py [--preset larger] [--max-rank 64] [--steps 8,20]
         [--seeds 1,2] [--repeats 1] [--tag NAME]
@@ -54,6 +60,20 @@ from _common import load_average, report_start, write_report  # noqa: E402
 WAYS = ("baked", "runtime", "fed", "merged cold", "merged warm")
 
 
+def _steal_jiffies() -> int | None:
+    """The machine's cumulative ``steal`` time from ``/proc/stat`` (jiffies), None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _paired(times: dict[str, list[float]], way: str) -> float:
+    """Median over repetitions of ``way``'s time / the baked time of the same repetition - 1."""
+    return round(statistics.median(t / b - 1 for t, b in zip(times[way], times["baked"])), 4)
+
+
 def _markdown(report: dict) -> str:
     md = ["# Per image: runtime-LoRA repository (runtime network, fed weights, merged variants) vs baked repository", "",
           f"Machine: {report['machine']}, {report['cpus']} cores; ONNX Runtime and torch, 1 thread each; in-process "
@@ -69,6 +89,17 @@ def _markdown(report: dict) -> str:
                   f"| {r['overhead']['merged cold']:+.0%} "
                   f"| {r['overhead']['merged warm']:+.0%} | {r['builds_per_request']} | {r['build_s']} "
                   f"| {r['max_pixel_diff']} | {r['load'][0]} |")
+    if all("paired" in r for r in report["rows"]):
+        md += ["", "Paired (median over repetitions of each image against the baked image of its repetition), "
+               "by wall time and by the process's CPU time:", "",
+               "| steps | images | runtime | fed | merged cold | merged warm | CPU: baked ms | CPU: runtime | CPU: fed "
+               "| CPU: merged cold | CPU: merged warm | steal s during the row |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["rows"]:
+            pw, pc = r["paired"], r["paired_cpu"]
+            md.append(f"| {r['steps']} | {r['images']} | " + " | ".join(f"{pw[w]:+.1%}" for w in WAYS[1:])
+                      + f" | {r['cpu_ms']['baked']} | " + " | ".join(f"{pc[w]:+.1%}" for w in WAYS[1:])
+                      + f" | {r['steal_s']} |")
     md += ["", f"Load average at the start {report['load_average_start']}, at the end {report.get('load_average_end')}."
            " Exports: " + ", ".join(f"{k} {v} s" for k, v in report["export_s"].items()) + "."]
     return "\n".join(md) + "\n"
@@ -134,18 +165,20 @@ def main() -> int:
                     if runner.merged.built == before:
                         break
             built = runner.merged.built if runner.merged is not None else 0
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             images, _ = pipes[way.split()[0]].generate(request)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
             if way == "merged cold":  # builds still running would slow the next way's request down
                 runner.merged.wait()
             builds = (runner.merged.built - built) if way.startswith("merged") else 0
-            return images, wall, builds
+            return images, wall, cpu, builds
 
         for way in WAYS:  # warm-up: sessions opened, LoRAs cached
             generate(way, seeds[0], steps_list[0])
         for steps in steps_list:
             times = {w: [] for w in WAYS}
+            cpus = {w: [] for w in WAYS}
+            steal0 = _steal_jiffies()
             builds: list[int] = []
             build_s: list[float] = []
             diffs, k = [], 0
@@ -156,8 +189,9 @@ def main() -> int:
                     images = {}
                     for way in order:
                         n0 = len(runner.merged.build_seconds)
-                        img, wall, b = generate(way, seed, steps)
+                        img, wall, cpu, b = generate(way, seed, steps)
                         times[way].append(wall)
+                        cpus[way].append(cpu)
                         images[way] = img
                         if way == "merged cold":
                             builds.append(b)
@@ -165,10 +199,17 @@ def main() -> int:
                     diffs.append(max(int(np.abs(images[w].astype(np.int16) - images["baked"].astype(np.int16)).max())
                                      for w in WAYS))
             ms = {w: round(statistics.median(v) * 1000, 1) for w, v in times.items()}
+            steal1 = _steal_jiffies()
             report["rows"].append({
                 "steps": steps, "images": len(times["baked"]), "ms": ms,
                 "all_ms": {w: [round(t * 1000, 1) for t in v] for w, v in times.items()},
                 "overhead": {w: round(ms[w] / ms["baked"] - 1, 4) for w in WAYS if w != "baked"},
+                "paired": {w: _paired(times, w) for w in WAYS[1:]},
+                "cpu_ms": {w: round(statistics.median(v) * 1000, 1) for w, v in cpus.items()},
+                "all_cpu_ms": {w: [round(t * 1000, 1) for t in v] for w, v in cpus.items()},
+                "paired_cpu": {w: _paired(cpus, w) for w in WAYS[1:]},
+                "steal_s": None if steal0 is None or steal1 is None
+                else round((steal1 - steal0) / os.sysconf("SC_CLK_TCK"), 2),
                 "builds_per_request": max(builds) if builds else 0,
                 "build_s": round(statistics.median(build_s), 2) if build_s else None,
                 "max_pixel_diff": max(diffs), "load": load_average()})
