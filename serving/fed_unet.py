@@ -15,6 +15,11 @@ larger benchmark preset on an idle machine, +9-10 % at batch 1-2 beside another 
 conditional row pays it: the unconditional row of an ACFG step runs on W_init's own session (a batch
 of rows on different weight sets is one call per set).
 
+A merge runs on a worker thread (numpy releases the GIL): the runner's call goes on with its other
+rows (an ACFG step's unconditional row runs on W_init's own session; :class:`~.runtime_denoise.
+RoutedDenoiser` runs a call whose weights are still being merged last), so on a machine with a free
+core a new LoRA's merge costs its step almost nothing.
+
 Held: the merged arrays of at most ``capacity`` LoRA-at-a-gate units (:class:`FedWeights`; least
 recently used dropped first; fp32, the size of the weights the LoRA touches). The arrays of the last
 two units dropped are kept as spare memory that later merges write into: on the VM the benchmarks
@@ -25,7 +30,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +41,10 @@ from craft_export.unet_runner import FED_VARIANTS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_FED_VARIANTS", "FedWeights", "Unit", "check_count", "fed_graph"]
+__all__ = ["DEFAULT_FED_VARIANTS", "FedCall", "FedWeights", "Merged", "Unit", "check_count", "fed_graph"]
 
 Unit = tuple[str, str, str, float]  # (kind, LoRA name, its factors key, gate)
+Merge = Callable[[Callable[[str], "np.ndarray | None"]], dict]  # merge(spare) -> {initializer: merged array}
 
 DEFAULT_FED_VARIANTS = FED_VARIANTS  # LoRA-at-a-gate units the fed session keeps merged (the unet model's parameter)
 
@@ -66,6 +73,58 @@ def fed_graph(base_onnx: Path, names: set[str]) -> bytes:
     return model.SerializeToString()
 
 
+class Merged:
+    """One unit's merged weights: the initializers it changes (known before the merge) and their arrays,
+    made now or by a merge still running on the worker (:meth:`arrays` waits for it)."""
+
+    __slots__ = ("names", "_arrays", "_future")
+
+    def __init__(self, names: frozenset[str], arrays: dict[str, np.ndarray] | None = None,
+                 future: Future | None = None):
+        self.names, self._arrays, self._future = names, arrays, future
+
+    @property
+    def ready(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The merged arrays (waits for the merge; raises what it raised)."""
+        if self._arrays is None:
+            self._arrays = self._future.result()  # type: ignore[union-attr]
+            self._future = None
+        return self._arrays
+
+    def done_arrays(self) -> dict[str, np.ndarray] | None:
+        """The arrays if the merge finished well (after :meth:`FedWeights.settle`), else None."""
+        if self._future is not None and (not self._future.done() or self._future.exception() is not None):
+            return None
+        return self.arrays()
+
+
+class FedCall:
+    """The denoiser callable of one variant on the fed session: its units' merged arrays fed in place of
+    W_init's. ``waits``: a unit's merge is still running (the caller runs such calls last)."""
+
+    def __init__(self, fed: "FedWeights", session: OrtSession, parts: Sequence[Merged], names: frozenset[str],
+                 arrays: Mapping[str, np.ndarray]):
+        self.fed, self.session, self.parts, self.names, self.w_init = fed, session, parts, names, arrays
+
+    @property
+    def waits(self) -> bool:
+        return not all(p.ready for p in self.parts)
+
+    def __call__(self, inputs):
+        changed: dict[str, np.ndarray] = {}
+        try:
+            for part in self.parts:
+                changed.update(part.arrays())
+        except BaseException:
+            self.fed.forget(self.parts)  # a failed merge is not held: the next call merges again
+            raise
+        feeds = {n: changed[n] if n in changed else self.w_init[n] for n in self.names}
+        return self.session.run_torch({**inputs, **feeds})["noise_pred"]
+
+
 class FedWeights:
     """See the module docstring. ``base_onnx``: W_init's ``model.onnx``; ``names``: the routed weights'
     initializers (those kept in W_init's external data files become inputs; a variant touching another
@@ -76,19 +135,22 @@ class FedWeights:
     and a style LoRA's are disjoint (the runtime layout gives each module one kind), so a variant's
     weights are the union of its units, and the content + style variant of a request reuses what its
     content-only and style-only steps merged. At most ``capacity`` units are held (LRU).
+    ``background``: merge on a worker thread (False: in the call that needs it).
     """
 
     def __init__(self, base_onnx: Path, names: set[str], shared: Callable[[], tuple[Mapping, Mapping]], *,
-                 threads: int = 0, capacity: int = DEFAULT_FED_VARIANTS):
+                 threads: int = 0, capacity: int = DEFAULT_FED_VARIANTS, background: bool = True):
         check_count("fed_variants", capacity)
         self.base_onnx, self.routed, self.shared = Path(base_onnx), frozenset(names), shared
         self.threads, self.capacity = threads, capacity
         self.names: frozenset[str] = frozenset()  # the graph's weight inputs, once opened
         self.session: OrtSession | None = None
-        self.units: OrderedDict[Unit, dict[str, np.ndarray]] = OrderedDict()
+        self.units: OrderedDict[Unit, Merged] = OrderedDict()
         self.merges = 0  # units merged so far
         self._spare: deque[dict[str, np.ndarray]] = deque(maxlen=2)  # arrays of the last units dropped
-        self._dropped: list[dict[str, np.ndarray]] = []  # dropped during the current call: maybe in use
+        self._dropped: list[Merged] = []  # dropped during the current call: maybe in use
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="craft-fed-merge") if background else None
+        self._running: list[Future] = []  # merges submitted since the last :meth:`release`
 
     def _open(self) -> OrtSession:
         if self.session is None:
@@ -100,21 +162,34 @@ class FedWeights:
             log.info("fed weights: W_init's graph opened with %d routed weights as inputs", len(self.names))
         return self.session
 
-    def unit(self, unit: Unit, merge: Callable[[], dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
-        """The merged weights of ``unit``, held, or made by ``merge()`` (None: the LoRA cannot be fed)."""
+    def unit(self, unit: Unit, prepare: Callable[[], tuple[frozenset[str], Merge] | None]) -> Merged | None:
+        """The merged weights of ``unit``, held, or being made: ``prepare()`` (on this thread) gives the
+        initializers the unit changes and ``merge(spare)`` (any thread), or None if it cannot be fed."""
         held = self.units.get(unit)
         if held is not None:
             self.units.move_to_end(unit)
             return held
-        arrays = merge()
-        if arrays is None:
+        prepared = prepare()
+        if prepared is None:
             return None
+        names, merge = prepared
         self.merges += 1
+        if self._pool is None:
+            made = Merged(names, arrays=merge(self.spare))
+        else:
+            future = self._pool.submit(merge, self.spare)
+            self._running.append(future)
+            made = Merged(names, future=future)
         if self.capacity:
-            self.units[unit] = arrays
+            self.units[unit] = made
             while len(self.units) > self.capacity:
                 self._drop(next(iter(self.units)))
-        return arrays
+        return made
+
+    def forget(self, parts: Sequence[Merged]) -> None:
+        """Stop holding these (a merge among them failed)."""
+        for unit in [u for u, m in self.units.items() if any(m is p for p in parts)]:
+            del self.units[unit]
 
     def keep(self, ok: Callable[[Unit], bool]) -> None:
         """Drop the held units for which ``ok(unit)`` is false."""
@@ -125,15 +200,27 @@ class FedWeights:
         for unit in list(self.units):
             self._drop(unit)
 
+    def close(self) -> None:
+        """No more merges (the runner is replaced); one running finishes on its own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
     def _drop(self, unit: Unit) -> None:
         """Forget a unit; its arrays become spare memory once the current call is over (:meth:`release`):
         a callable made earlier in this call may still feed them."""
         self._dropped.append(self.units.pop(unit))
 
+    def settle(self) -> None:
+        """Wait for every merge submitted so far (their failures are their callers' to raise)."""
+        for future in self._running:
+            future.exception()
+        self._running.clear()
+
     def release(self) -> None:
         """A new runner call starts (none before it is running: the runner's lock): what earlier calls
-        dropped may be written over."""
-        self._spare.extend(self._dropped)
+        dropped may be written over once their merges are over (the worker reads the spare arrays)."""
+        self.settle()
+        self._spare.extend(a for a in (m.done_arrays() for m in self._dropped) if a is not None)
         self._dropped.clear()
 
     def spare(self, name: str) -> np.ndarray | None:
@@ -144,12 +231,11 @@ class FedWeights:
                 return arrays.pop(name)
         return None
 
-    def call(self, changed: Mapping[str, np.ndarray]):
-        """The denoiser callable of a variant whose merged weights are ``changed`` (the rest: W_init's),
-        or None if it changes a weight that is not an input."""
+    def call(self, parts: Sequence[Merged]) -> FedCall | None:
+        """The denoiser callable of a variant made of the units ``parts`` (the rest: W_init's weights), or
+        None if it changes a weight that is not an input."""
         session = self._open()
-        if not self.names.issuperset(changed):
+        if not all(self.names.issuperset(p.names) for p in parts):
             return None
         arrays, _ = self.shared()
-        feeds = {n: changed[n] if n in changed else arrays[n] for n in self.names}
-        return lambda inputs: session.run_torch({**inputs, **feeds})["noise_pred"]
+        return FedCall(self, session, parts, self.names, arrays)

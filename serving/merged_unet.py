@@ -119,11 +119,12 @@ class MergedVariants:
     by initializer name (the runner's, loaded once); ``factors_key(name, kind)``: a served LoRA's factors
     key (raises, naming the field, for one it does not serve); ``factors(name, kind)``: its unpadded
     factors ``{module: (A (r, fan_in), B (d_out, r))}``. ``background``: build on a worker thread
-    (the calls meanwhile run on the fed session or the runtime network); False: inside the call that
-    triggers it. ``report(message)``: told when a merged variant starts serving (the Triton model's
-    log). ``fed``: LoRA-at-a-gate units whose merged weights the fed session keeps (:mod:`.fed_unet`;
-    0: no fed session, a variant runs on the runtime network until merged). ``idle_ms``: a background
-    build starts once the runner had no call (:meth:`touch`) for this long.
+    (the calls meanwhile run on the fed session or the runtime network), and merge fed units on another
+    (:mod:`.fed_unet`); False: both inside the call that needs them. ``report(message)``: told when a
+    merged variant starts serving (the Triton model's log). ``fed``: LoRA-at-a-gate units whose merged
+    weights the fed session keeps (:mod:`.fed_unet`; 0: no fed session, a variant runs on the runtime
+    network until merged). ``idle_ms``: a background build starts once the runner had no call
+    (:meth:`touch`) for this long.
 
     Not thread-safe: one caller at a time (the runner's lock); the worker only computes.
     """
@@ -146,7 +147,7 @@ class MergedVariants:
         self.blocked: set[Variant] = set()  # never merged (weights embedded in the graph, or BUILD_TRIES failures)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="craft-merge") if background and capacity else None
         self.fed = FedWeights(self.base_onnx, {weight_name(m.name) for m in layout.modules}, shared, threads=threads,
-                              capacity=fed) if fed else None
+                              capacity=fed, background=background) if fed else None
         self.built = 0  # sessions opened so far
         self.idle_s = idle_ms / 1000
         self._last_call = time.monotonic()  # the runner's last UNet call (:meth:`touch`)
@@ -166,21 +167,25 @@ class MergedVariants:
 
     def _fed_call(self, variant: Variant):
         key = self._keys(variant)
-        changed: dict[str, np.ndarray] = {}
+        parts = []
         for kind, name, gate, factors_key in (("content", variant.content, variant.gamma_c, key[0]),
                                               ("style", variant.style, variant.gamma_s, key[1])):
             if name is None:
                 continue
-            arrays = self.fed.unit((kind, name, factors_key, gate), lambda: self._merge_one(name, kind, gate))
-            if arrays is None:  # a weight embedded in the graph: it cannot be fed either
+            part = self.fed.unit((kind, name, factors_key, gate), lambda: self._fed_merge(name, kind, gate))
+            if part is None:  # a weight embedded in the graph: it cannot be fed either
                 return None
-            changed.update(arrays)
-        return self.fed.call(changed)
+            parts.append(part)
+        return self.fed.call(parts)
 
-    def _merge_one(self, name: str, kind: str, gate: float) -> dict[str, np.ndarray] | None:
-        """``W_init + gate B A`` for the modules one LoRA touches, or None if one is embedded in the graph."""
+    def _fed_merge(self, name: str, kind: str, gate: float):
+        """For a fed unit: the weights one LoRA touches and ``merge(spare)`` making ``W_init + gate B A``
+        for them (any thread), or None if one is embedded in the graph."""
         gated = self._gated(((kind, name, gate),))
-        return None if gated is None else merge_weights(self.layout, *gated, spare=self.fed.spare)
+        if gated is None:
+            return None
+        terms, w0 = gated
+        return frozenset(w0), lambda spare: merge_weights(self.layout, terms, w0, spare=spare)
 
     def _session(self, variant: Variant):
         """The merged session of ``variant`` if held; else None, its build scheduled by the policy."""
@@ -253,6 +258,8 @@ class MergedVariants:
         self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.fed is not None:
+            self.fed.close()
         self.held.clear()
         self.calls.clear()
         self.pending.clear()

@@ -46,7 +46,8 @@ class RoutedDenoiser:
 
     def run(self, inputs: Mapping[str, torch.Tensor], variants: Sequence[Variant]) -> torch.Tensor:
         """``noise_pred`` of a batch whose row b runs on ``variants[b]``'s weights: rows on one baked
-        session in one call on it, the runtime rows in one runtime call."""
+        session in one call on it, the runtime rows in one runtime call; a session whose ``waits`` is true
+        after the others."""
         n = int(inputs["sample"].shape[0])
         if len(variants) != n:
             raise ValueError(f"variants: {len(variants)} for a batch of {n}")
@@ -57,7 +58,9 @@ class RoutedDenoiser:
             session, rows = next(iter(groups.values()))
             return session(inputs) if session is not None else self.runtime(inputs, list(variants))
         out: torch.Tensor | None = None
-        for session, rows in groups.values():
+        # a session still waiting for its weights (fed weights merged on a worker, :mod:`.fed_unet`) runs
+        # last, so the merge overlaps the other rows' calls (sorted() keeps the order otherwise)
+        for session, rows in sorted(groups.values(), key=lambda g: bool(getattr(g[0], "waits", False))):
             index = torch.tensor(rows)
             part = {k: v.index_select(0, index) for k, v in inputs.items()}
             eps = session(part) if session is not None else self.runtime(part, [variants[b] for b in rows])

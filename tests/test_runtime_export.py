@@ -322,6 +322,53 @@ def test_fed_weights_equal_baked_without_a_session_per_variant(runtime_repo, ref
     assert float((off(x, variants) - want).abs().max()) < TOL
 
 
+def test_fed_merges_overlap_the_other_rows_and_a_failed_one_is_not_held(runtime_repo, reference):
+    """A new unit's merge runs on a worker while the call's other rows run (the W_init row first, the
+    fed row once its weights are merged); a merge that fails fails its call and is not held, so the
+    next call merges again."""
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = {k: v[:2] for k, v in reference[3].items()}
+    variants = [Variant("bull", 0.4), Variant()]
+    want = _baked(reference, variants, x)
+    runner = UNetWeights(out, threads=1, merged_variants=0)
+    merged, events, fail = runner.merged, [], [True]
+    fed_merge = merged._fed_merge
+
+    def slow(name, kind, gate):
+        names, merge = fed_merge(name, kind, gate)
+
+        def run(spare):
+            time.sleep(0.5)  # longer than the W_init row's call
+            if fail[0]:
+                fail[0] = False
+                raise MemoryError("test: no memory for the merge")
+            arrays = merge(spare)
+            events.append("merged")
+            return arrays
+        return names, run
+
+    merged._fed_merge = slow
+    baked = runner.denoiser.baked
+
+    def logged(variant):
+        call = baked(variant)
+        return (lambda inputs: events.append("W_init row") or call(inputs)) if variant.is_base else call
+
+    runner.denoiser.baked = logged
+    runner({k: v[1:] for k, v in x.items()}, variants[1:])  # W_init's session opened (it takes longer than 0.5 s)
+    events.clear()
+    with pytest.raises(MemoryError, match="no memory for the merge"):
+        runner(x, variants)
+    assert events == ["W_init row"] and not merged.fed.units
+    events.clear()
+    got = runner(x, variants)
+    assert float((got - want).abs().max()) < TOL
+    assert events == ["W_init row", "merged"] and len(merged.fed.units) == 1 and merged.fed.merges == 2
+    assert torch.equal(runner(x, variants), got) and merged.fed.merges == 2  # held now: no merge
+
+
 def test_background_merges_wait_for_a_quiet_runner(runtime_repo, reference):
     """A background build starts only once the runner had no call for ``merge_idle_ms``: while calls keep
     coming (here < 2 s apart) nothing is built and the rows run on the fed session; then it builds."""
