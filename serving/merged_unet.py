@@ -38,6 +38,7 @@ replaced (embedded in the graph) is never merged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -73,12 +74,51 @@ def weight_name(module: str) -> str:
     return f"inner.unet.{module}.weight"
 
 
+class _OneBlasThread:
+    """numpy's BLAS on one thread while any merge runs (``threadpoolctl``; process-wide meanwhile, the
+    previous setting back once the last concurrent merge is done).
+
+    A rank-r ``B @ A`` is memory-bound: a second BLAS thread shortened a merge by a few ms on the
+    benchmark VM but took a whole core, busy-waiting after each matmul (OpenBLAS), from the ONNX Runtime
+    thread of the call running beside the merge (a first request's CPU time: +30 % over baked)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                from threadpoolctl import threadpool_limits
+
+                self._limiter = threadpool_limits(limits=1, user_api="blas")
+            self._users += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_one_blas_thread = _OneBlasThread()
+
+
 def merge_weights(layout: RuntimeLayout, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
                   spare: Callable[[str], np.ndarray | None] = lambda name: None) -> dict[str, np.ndarray]:
     """Eq. 8 per routed module: ``W_init + sum(gate * B A)`` by initializer name, in W_init's dtype
-    (fp32 math); ``terms``: module -> [(gate, A, B), ...]; ``w0``: W_init's weights by initializer
-    name; ``spare(name)``: a free fp32 array of that weight's shape to write into (or None: a new one;
-    reusing memory spares the page faults of a fresh array, which dominate a merge on some VMs)."""
+    (fp32 math, numpy's BLAS on one thread); ``terms``: module -> [(gate, A, B), ...]; ``w0``: W_init's
+    weights by initializer name; ``spare(name)``: a free fp32 array of that weight's shape to write into
+    (or None: a new one; reusing memory spares the page faults of a fresh array, which dominate a merge
+    on some VMs)."""
+    with _one_blas_thread:
+        return _merge(layout, terms, w0, spare)
+
+
+def _merge(layout: RuntimeLayout, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
+           spare: Callable[[str], np.ndarray | None]) -> dict[str, np.ndarray]:
     by_name = {m.name: m for m in layout.modules}
     changed: dict[str, np.ndarray] = {}
     for module, gated in terms.items():

@@ -369,6 +369,47 @@ def test_fed_merges_overlap_the_other_rows_and_a_failed_one_is_not_held(runtime_
     assert torch.equal(runner(x, variants), got) and merged.fed.merges == 2  # held now: no merge
 
 
+def test_merges_run_numpy_blas_on_one_thread(runtime_repo):
+    """``merge_weights`` runs numpy's BLAS on one thread (a second one busy-waits on the core that the call
+    beside a merge needs) and gives the setting back once the last of concurrent merges is done."""
+    import threading
+
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from craft_serving.merged_unet import merge_weights, weight_name
+    from craft_serving.unet_weights import UNetWeights
+
+    def blas():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before = blas()
+    assert before, "numpy has no BLAS that threadpoolctl sees"
+    layout = UNetWeights(runtime_repo[0], threads=1, merged_variants=0, fed_variants=0).runtime.layout
+    module = layout.modules[0]
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((2, int(np.prod(module.shape[1:]))), dtype=np.float32)
+    B = rng.standard_normal((module.shape[0], 2), dtype=np.float32)
+    name = weight_name(module.name)
+    w0 = {name: np.ones(module.shape, np.float32)}
+    seen, inside = [], threading.Barrier(2, timeout=30)
+
+    def spare(_name):
+        seen.append(blas())
+        inside.wait()  # both merges are running now
+        return None
+
+    merges = [threading.Thread(target=merge_weights, args=(layout, {module.name: [(0.5, A, B)]}, w0, spare))
+              for _ in range(2)]
+    for t in merges:
+        t.start()
+    for t in merges:
+        t.join()
+    assert seen == [[1], [1]] and blas() == before
+    got = merge_weights(layout, {module.name: [(0.5, A, B)]}, w0)[name]
+    assert np.allclose(got, (1 + 0.5 * B @ A).reshape(module.shape), atol=1e-5)
+
+
 def test_background_merges_wait_for_a_quiet_runner(runtime_repo, reference):
     """A background build starts only once the runner had no call for ``merge_idle_ms``: while calls keep
     coming (here < 2 s apart) nothing is built and the rows run on the fed session; then it builds."""
