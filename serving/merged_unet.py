@@ -57,7 +57,7 @@ from .fed_unet import DEFAULT_FED_VARIANTS, FedWeights, check_count
 log = logging.getLogger(__name__)
 
 __all__ = ["BUILD_TRIES", "DEFAULT_IDLE_MS", "DEFAULT_MERGE_AFTER", "DEFAULT_MERGED_VARIANTS", "MergedVariants",
-           "merge_weights", "weight_name"]
+           "merge_weights", "one_blas_thread", "weight_name"]
 
 DEFAULT_MERGE_AFTER = MERGE_AFTER  # calls of a variant before it is merged (the unet model's config parameter)
 DEFAULT_MERGED_VARIANTS = MERGED_VARIANTS  # merged sessions held at once (likewise)
@@ -74,51 +74,34 @@ def weight_name(module: str) -> str:
     return f"inner.unet.{module}.weight"
 
 
-class _OneBlasThread:
-    """numpy's BLAS on one thread while any merge runs (``threadpoolctl``; process-wide meanwhile, the
-    previous setting back once the last concurrent merge is done).
+_blas_lock = threading.Lock()
+_blas_limited = False
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS on one thread for the rest of the process (``threadpoolctl``), once; the runner's
+    merges are its only BLAS work.
 
     A rank-r ``B @ A`` is memory-bound: a second BLAS thread shortened a merge by a few ms on the
     benchmark VM but took a whole core, busy-waiting after each matmul (OpenBLAS), from the ONNX Runtime
-    thread of the call running beside the merge (a first request's CPU time: +30 % over baked)."""
+    thread of the call running beside the merge (a first request's CPU time: +30 % over baked). Set once
+    and left, not per merge: numpy 1.26's OpenBLAS (0.3.23) ignored a limit set from a worker thread
+    once an earlier limit had been undone."""
+    global _blas_limited
+    with _blas_lock:
+        if not _blas_limited:
+            from threadpoolctl import threadpool_limits
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limiter = None
-
-    def __enter__(self):
-        with self._lock:
-            if self._users == 0:
-                from threadpoolctl import threadpool_limits
-
-                self._limiter = threadpool_limits(limits=1, user_api="blas")
-            self._users += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
-_one_blas_thread = _OneBlasThread()
+            threadpool_limits(limits=1, user_api="blas")
+            _blas_limited = True
 
 
 def merge_weights(layout: RuntimeLayout, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
                   spare: Callable[[str], np.ndarray | None] = lambda name: None) -> dict[str, np.ndarray]:
     """Eq. 8 per routed module: ``W_init + sum(gate * B A)`` by initializer name, in W_init's dtype
-    (fp32 math, numpy's BLAS on one thread); ``terms``: module -> [(gate, A, B), ...]; ``w0``: W_init's
-    weights by initializer name; ``spare(name)``: a free fp32 array of that weight's shape to write into
-    (or None: a new one; reusing memory spares the page faults of a fresh array, which dominate a merge
-    on some VMs)."""
-    with _one_blas_thread:
-        return _merge(layout, terms, w0, spare)
-
-
-def _merge(layout: RuntimeLayout, terms: Mapping[str, list], w0: Mapping[str, np.ndarray],
-           spare: Callable[[str], np.ndarray | None]) -> dict[str, np.ndarray]:
+    (fp32 math); ``terms``: module -> [(gate, A, B), ...]; ``w0``: W_init's weights by initializer
+    name; ``spare(name)``: a free fp32 array of that weight's shape to write into (or None: a new one;
+    reusing memory spares the page faults of a fresh array, which dominate a merge on some VMs)."""
     by_name = {m.name: m for m in layout.modules}
     changed: dict[str, np.ndarray] = {}
     for module, gated in terms.items():
@@ -163,8 +146,8 @@ class MergedVariants:
     (:mod:`.fed_unet`); False: both inside the call that needs them. ``report(message)``: told when a
     merged variant starts serving (the Triton model's log). ``fed``: LoRA-at-a-gate units whose merged
     weights the fed session keeps (:mod:`.fed_unet`; 0: no fed session, a variant runs on the runtime
-    network until merged). ``idle_ms``: a background build starts once the runner had no call
-    (:meth:`touch`) for this long.
+    network until merged). ``idle_ms``: a background build starts once no runner call has run
+    (:meth:`touch` .. :meth:`idle`) for this long.
 
     Not thread-safe: one caller at a time (the runner's lock); the worker only computes.
     """
@@ -177,6 +160,8 @@ class MergedVariants:
         for field, value, low in (("merge_after", after, 1), ("merged_variants", capacity, 0),
                                   ("merge_idle_ms", idle_ms, 0)):
             check_count(field, value, low)
+        if capacity or fed:
+            one_blas_thread()
         self.base_onnx, self.layout, self.shared = Path(base_onnx), layout, shared
         self.factors_key, self.factors = factors_key, factors
         self.threads, self.after, self.capacity, self.report = threads, after, capacity, report
@@ -190,7 +175,8 @@ class MergedVariants:
                               capacity=fed, background=background) if fed else None
         self.built = 0  # sessions opened so far
         self.idle_s = idle_ms / 1000
-        self._last_call = time.monotonic()  # the runner's last UNet call (:meth:`touch`)
+        self._last_call = time.monotonic()  # when the runner's last UNet call ended (:meth:`idle`)
+        self._calling = False  # a runner call is running (:meth:`touch` .. :meth:`idle`)
         self._closed = False
         self.build_seconds: list[float] = []
         self._embedded: list[str] | None = None  # W_init weights that cannot be merged into (logged once)
@@ -278,16 +264,22 @@ class MergedVariants:
 
     def touch(self) -> None:
         """A runner call starts, none other running (background builds wait for a quiet moment; the fed
-        session may reuse what earlier calls dropped)."""
-        self._last_call = time.monotonic()
+        session may reuse what earlier calls dropped). Each is followed by :meth:`idle`."""
+        self._calling = True
         if self.fed is not None:
             self.fed.release()
 
+    def idle(self) -> None:
+        """The runner call is over: the quiet time of background builds counts from now."""
+        self._last_call = time.monotonic()
+        self._calling = False
+
     def _build_when_idle(self, variant: Variant, *job) -> "_Merged | None":
-        """On the worker: wait until the runner had no call for ``idle_s`` (a build takes the cores a
-        request's steps would use), then build; None if discarded meanwhile."""
+        """On the worker: wait until no runner call has run for ``idle_s`` (a build takes the cores a
+        request's steps would use; a call longer than ``idle_s`` is not a quiet moment), then build; None
+        if discarded meanwhile."""
         while not self._closed:
-            quiet = time.monotonic() - self._last_call
+            quiet = 0.0 if self._calling else time.monotonic() - self._last_call
             if quiet >= self.idle_s:
                 return self._build(variant, *job)
             time.sleep(min(self.idle_s - quiet, 0.05) + 0.001)

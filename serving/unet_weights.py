@@ -257,7 +257,13 @@ class UNetWeights:
         """``noise_pred`` for UNet ``inputs`` of batch B, row b on the weights of ``variants[b]``."""
         with self._lock:
             self.refresh()
-            if self.merged is not None:
-                self.merged.touch()
-            out = self.denoiser.run(inputs, variants)
+            merged = self.merged
+            if merged is None:
+                out = self.denoiser.run(inputs, variants)
+            else:
+                merged.touch()
+                try:
+                    out = self.denoiser.run(inputs, variants)
+                finally:
+                    merged.idle()
         return out.to(inputs["sample"].device)  # TensorRT answers on its GPU

@@ -357,21 +357,23 @@ def test_fed_merges_overlap_the_other_rows_and_a_failed_one_is_not_held(runtime_
         return (lambda inputs: events.append("W_init row") or call(inputs)) if variant.is_base else call
 
     runner.denoiser.baked = logged
-    runner({k: v[1:] for k, v in x.items()}, variants[1:])  # W_init's session opened (it takes longer than 0.5 s)
+    fail[0] = False
+    runner(x, [Variant(style="fire", gamma_s=0.8), Variant()])  # W_init's and the fed session opened (> 0.5 s)
+    fail[0] = True
     events.clear()
     with pytest.raises(MemoryError, match="no memory for the merge"):
         runner(x, variants)
-    assert events == ["W_init row"] and not merged.fed.units
+    assert events == ["W_init row"] and [u[1] for u in merged.fed.units] == ["fire"]  # bull not held
     events.clear()
     got = runner(x, variants)
     assert float((got - want).abs().max()) < TOL
-    assert events == ["W_init row", "merged"] and len(merged.fed.units) == 1 and merged.fed.merges == 2
-    assert torch.equal(runner(x, variants), got) and merged.fed.merges == 2  # held now: no merge
+    assert events == ["W_init row", "merged"] and len(merged.fed.units) == 2 and merged.fed.merges == 3
+    assert torch.equal(runner(x, variants), got) and merged.fed.merges == 3  # held now: no merge
 
 
 def test_merges_run_numpy_blas_on_one_thread(runtime_repo):
-    """``merge_weights`` runs numpy's BLAS on one thread (a second one busy-waits on the core that the call
-    beside a merge needs) and gives the setting back once the last of concurrent merges is done."""
+    """A runner that merges puts numpy's BLAS on one thread for its process (a second one busy-waits on
+    the core that the call beside a merge needs), also for merges on worker threads."""
     import threading
 
     import numpy as np
@@ -383,31 +385,27 @@ def test_merges_run_numpy_blas_on_one_thread(runtime_repo):
     def blas():
         return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
 
-    before = blas()
-    assert before, "numpy has no BLAS that threadpoolctl sees"
-    layout = UNetWeights(runtime_repo[0], threads=1, merged_variants=0, fed_variants=0).runtime.layout
+    assert blas(), "numpy has no BLAS that threadpoolctl sees"
+    layout = UNetWeights(runtime_repo[0], threads=1).runtime.layout  # merging on (the defaults)
+    assert blas() == [1]
     module = layout.modules[0]
     rng = np.random.default_rng(0)
     A = rng.standard_normal((2, int(np.prod(module.shape[1:]))), dtype=np.float32)
     B = rng.standard_normal((module.shape[0], 2), dtype=np.float32)
     name = weight_name(module.name)
     w0 = {name: np.ones(module.shape, np.float32)}
-    seen, inside = [], threading.Barrier(2, timeout=30)
+    seen, got = [], {}
 
     def spare(_name):
         seen.append(blas())
-        inside.wait()  # both merges are running now
         return None
 
-    merges = [threading.Thread(target=merge_weights, args=(layout, {module.name: [(0.5, A, B)]}, w0, spare))
-              for _ in range(2)]
-    for t in merges:
-        t.start()
-    for t in merges:
-        t.join()
-    assert seen == [[1], [1]] and blas() == before
-    got = merge_weights(layout, {module.name: [(0.5, A, B)]}, w0)[name]
-    assert np.allclose(got, (1 + 0.5 * B @ A).reshape(module.shape), atol=1e-5)
+    worker = threading.Thread(target=lambda: got.update(merge_weights(layout, {module.name: [(0.5, A, B)]}, w0,
+                                                                      spare)))
+    worker.start()
+    worker.join()
+    assert seen == [[1]]
+    assert np.allclose(got[name], (1 + 0.5 * B @ A).reshape(module.shape), atol=1e-5)
 
 
 def test_background_merges_wait_for_a_quiet_runner(runtime_repo, reference):
@@ -428,6 +426,40 @@ def test_background_merges_wait_for_a_quiet_runner(runtime_repo, reference):
     assert runner.merged.built == 1 and Variant("bull", 0.4) in runner.merged.held
     with pytest.raises(ValueError, match=r"merge_idle_ms: must be an integer >= 0, got -1"):
         UNetWeights(out, threads=1, merge_idle_ms=-1)
+
+
+def test_no_background_build_starts_during_a_long_call(runtime_repo, reference):
+    """The quiet time counts from the end of the runner's last call: a call longer than
+    ``merge_idle_ms`` (a full-size UNet on a CPU) is not a quiet moment for a build."""
+    from craft_serving.unet_weights import UNetWeights
+
+    out, _ = runtime_repo
+    x = {k: v[:2] for k, v in reference[3].items()}
+    variants = [Variant("bull", 0.4), Variant()]
+    runner = UNetWeights(out, threads=1, merge_after=1, merge_idle_ms=100)
+    runner({k: v[1:] for k, v in x.items()}, variants[1:])  # W_init's session opened
+    events, merged = [], runner.merged
+    build = merged._build
+    merged._build = lambda *job: events.append("build") or build(*job)
+    baked = runner.denoiser.baked
+
+    def slow(variant):
+        call = baked(variant)
+        if not variant.is_base:
+            return call
+
+        def run(inputs):
+            events.append("long call")
+            time.sleep(0.6)  # six times merge_idle_ms
+            events.append("long call over")
+            return call(inputs)
+        return run
+
+    runner.denoiser.baked = slow
+    got = runner(x, variants)  # the first call of bull@0.4 schedules its build (merge_after=1)
+    merged.wait()
+    assert events == ["long call", "long call over", "build"] and merged.built == 1
+    assert float((got - _baked(reference, variants, x)).abs().max()) < TOL
 
 
 def test_fed_graph_turns_initializers_into_inputs(runtime_repo):
